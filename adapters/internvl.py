@@ -1,0 +1,1 @@
+"""Adapter module under construction."""

@@ -1,0 +1,96 @@
+"""LLaVA-1.5 (``LlavaForConditionalGeneration``): one fixed grid of patch tokens per image."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from vlmprune import context
+from vlmprune.methods.base import VisualGroup
+from vlmprune.methods.scoring import cls_attention_scores, mean_received_attention
+
+from .base import Adapter, capture_projections
+
+
+def encoder_layers(tower: nn.Module) -> nn.ModuleList:
+    """The transformer blocks of a CLIP / SigLIP style vision tower."""
+    for path in ("encoder.layers", "vision_model.encoder.layers", "encoder.layer"):
+        obj: Any = tower
+        try:
+            for part in path.split("."):
+                obj = getattr(obj, part)
+        except AttributeError:
+            continue
+        return obj
+    raise TypeError(f"vlmprune: cannot find the encoder layers of vision tower {type(tower).__name__}")
+
+
+def tower_has_cls(vision_config: Any) -> bool:
+    """CLIP-style towers prepend a [CLS] token; SigLIP towers do not."""
+    return getattr(vision_config, "model_type", "") in ("clip_vision_model", "clip", "internvl_vision")
+
+
+def feature_layer_index(feature_layer: int | list[int], num_layers: int) -> int:
+    """Encoder block whose output is ``hidden_states[feature_layer]`` (index 0 is the embeddings)."""
+    layer = feature_layer[-1] if isinstance(feature_layer, (list, tuple)) else feature_layer
+    idx = num_layers + layer if layer < 0 else layer - 1
+    if not 0 <= idx < num_layers:
+        raise ValueError(f"vlmprune: vision feature layer {layer} has no attention block to score with")
+    return idx
+
+
+class ClipScoringMixin:
+    """[CLS]-row scoring (or the labelled no-[CLS] fallback) for CLIP / SigLIP style towers."""
+
+    def _score_attention(self) -> nn.Module:
+        layers = encoder_layers(self.vision_tower)
+        if self.score_kind == "cls":
+            return layers[feature_layer_index(self.config.vision_feature_layer, len(layers))].self_attn
+        return layers[-1].self_attn
+
+    def install_scoring(self, hooks: Any, kind: str, handle: Any) -> None:
+        self.score_kind = "cls" if tower_has_cls(self.config.vision_config) else "nocls"
+        self._scoring_attn = self._score_attention()
+        capture_projections(hooks, self._scoring_attn, handle, "vision", cls_only=self.score_kind == "cls")
+
+    def captured_scores(self, ctx: context.CallContext) -> Tensor:
+        """(num_encoder_inputs, N) patch scores of every vision-tower call so far in this context."""
+        q = torch.cat(ctx.captured.get("vision.q", []), dim=0)
+        k = torch.cat(ctx.captured.get("vision.k", []), dim=0)
+        attn = self._scoring_attn
+        heads = self.config.vision_config.num_attention_heads
+        scale = getattr(attn, "scale", None)
+        if self.score_kind == "cls":
+            return cls_attention_scores(q, k, heads, scale)
+        return mean_received_attention(q, k, heads, scale)
+
+
+class LlavaAdapter(ClipScoringMixin, Adapter):
+    family = "llava"
+    model_classes = ("LlavaForConditionalGeneration",)
+
+    def _grid(self) -> tuple[int, int]:
+        vc = self.config.vision_config
+        side = vc.image_size // vc.patch_size
+        return side, side
+
+    def visual_groups(self, ctx: context.CallContext, visual: Tensor, scores: str | None) -> list[VisualGroup]:
+        strategy = ctx.inputs.get("vision_feature_select_strategy") or self.config.vision_feature_select_strategy
+        grid = self._grid()
+        n = grid[0] * grid[1]
+        extra = 1 if (strategy == "full" and tower_has_cls(self.config.vision_config)) else 0
+        per_image = n + extra
+        total = int(visual.sum())
+        chunks = self.split_columns(visual, [per_image] * (total // per_image))
+        score = self.captured_scores(ctx) if scores else None
+        if score is not None and score.shape[0] != len(chunks):
+            raise ValueError(
+                f"vlmprune: {len(chunks)} images in the prompt but the vision tower encoded {score.shape[0]}"
+            )
+        groups = []
+        for i, (sample, cols) in enumerate(chunks):
+            s = score[i, score.shape[1] - n :] if score is not None else None
+            groups.append(VisualGroup(sample=sample, columns=cols[extra:], grid=grid, scores=s))
+        return groups

@@ -1,0 +1,130 @@
+"""``vlmprune.apply``: patch one model instance, get a handle that can undo it."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from torch import nn
+
+from . import registry
+from .hooks import HookSet
+from .methods.base import Method, MethodConfig, PreLLMMethod, Stage
+from .stats import Stats
+
+_ATTR = "_vlmprune_handles"
+
+
+class Handle:
+    """What ``apply`` returns: the installed methods, their stats, and ``remove()``.
+
+    Usable as a context manager; removing restores the model's modules and attributes exactly,
+    and removing twice is a no-op.
+    """
+
+    def __init__(self, model: nn.Module, methods: list[Method], hooks: HookSet) -> None:
+        self.model = model
+        self.methods = methods
+        self._hooks = hooks
+        self.stats = Stats()
+        self.removed = False
+
+    @property
+    def config(self) -> MethodConfig | list[MethodConfig]:
+        configs = [m.config for m in self.methods]
+        return configs[0] if len(configs) == 1 else configs
+
+    @property
+    def stages(self) -> list[Stage]:
+        return [m.config.stage for m in self.methods]
+
+    def remove(self) -> None:
+        if self.removed:
+            return
+        self._hooks.remove()
+        handles = self.model.__dict__.get(_ATTR, [])
+        if self in handles:
+            handles.remove(self)
+        if not handles:
+            self.model.__dict__.pop(_ATTR, None)
+        self.removed = True
+
+    def __enter__(self) -> Handle:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.remove()
+
+    def __repr__(self) -> str:
+        names = "+".join(m.label for m in self.methods)
+        state = "removed" if self.removed else "active"
+        return f"<vlmprune.Handle {names} on {type(self.model).__name__} ({state})>"
+
+
+def _as_configs(method: Any, options: dict) -> list[MethodConfig]:
+    if isinstance(method, MethodConfig):
+        if options:
+            raise TypeError("pass options inside the config object, not as keyword arguments")
+        return [method]
+    if isinstance(method, str):
+        return [registry.make_config(method, options)]
+    if isinstance(method, Sequence):
+        items = list(method)
+        if not items:
+            raise ValueError("no method given")
+        if options and any(isinstance(m, str) for m in items) and len(items) > 1:
+            raise TypeError(
+                "keyword options are ambiguous with several methods; pass config objects, e.g. "
+                "vlmprune.apply(model, [vlmprune.FasterVLMConfig(ratio=0.9), ...])"
+            )
+        out = []
+        for item in items:
+            out.extend(_as_configs(item, options if isinstance(item, str) else {}))
+        return out
+    raise TypeError(f"method must be a name, a config object or a list of them; got {method!r}")
+
+
+def _check_composition(existing: list[MethodConfig], new: list[MethodConfig]) -> None:
+    seen = list(existing)
+    for cfg in new:
+        for other in seen:
+            if other.stage == cfg.stage and not (
+                cfg.method in other.composes_with or other.method in cfg.composes_with
+            ):
+                raise ValueError(
+                    f"cannot apply {cfg.method!r} on top of {other.method!r}: both act at stage "
+                    f"{cfg.stage.name.lower()} and do not compose. Remove the first handle "
+                    "(handle.remove()) before applying another method at the same stage."
+                )
+        seen.append(cfg)
+
+
+def apply(model: nn.Module, method: Any = "fastervlm", **options: Any) -> Handle:
+    """Patch ``model`` in place with one method (or a list, composed in stage order).
+
+    ``method`` is a registered name (see :func:`available_methods`) with its options as keyword
+    arguments, a config object such as ``FasterVLMConfig(ratio=0.9)``, or a list of either.
+    Only this instance changes; ``handle.remove()`` or leaving a ``with`` block restores it.
+    """
+    from vlmprune.adapters import for_model
+
+    configs = sorted(_as_configs(method, options), key=lambda c: int(c.stage))
+    adapter = for_model(model)
+    active: list[Handle] = model.__dict__.get(_ATTR, [])
+    _check_composition([c for h in active for c in (m.config for m in h.methods)], configs)
+    hooks = HookSet()
+    methods = [registry.method_for_config(cfg)(cfg, adapter) for cfg in configs]
+    handle = Handle(model, methods, hooks)
+    try:
+        for m in methods:
+            if isinstance(m, PreLLMMethod):
+                from .pre_llm import PreLLMSeam
+
+                PreLLMSeam(adapter, m, handle).install(hooks)
+            else:
+                m.install(hooks, handle)
+    except BaseException:
+        hooks.remove()
+        raise
+    model.__dict__.setdefault(_ATTR, []).append(handle)
+    return handle

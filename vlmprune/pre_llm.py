@@ -1,0 +1,247 @@
+"""The pre-LLM seam: one place where visual tokens leave the sequence before the decoder.
+
+The stock model runs as usual up to its decoder call (vision tower, projector, placeholder
+scatter, Qwen2-VL's M-RoPE positions). A forward pre-hook on the decoder then removes the
+columns a method dropped, from the embeddings, the attention mask and the positions, so the
+decoder and its KV cache only ever hold the kept tokens. Decoding steps that follow on the same
+cache object get a mask and positions consistent with the shorter cache; that bookkeeping lives
+in a weak map keyed by the cache, so concurrent generations do not share it.
+"""
+
+from __future__ import annotations
+
+import weakref
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from . import context
+from .methods.base import PreLLMMethod, Reduction, VisualGroup
+from .sequence import decode_positions, default_positions, gather_columns, prune_sequence
+from .stats import ForwardRecord
+
+#: inputs of the multimodal model that adapters may need to locate visual tokens
+CAPTURED_INPUTS = (
+    "input_ids",
+    "inputs_embeds",
+    "attention_mask",
+    "mm_token_type_ids",
+    "image_sizes",
+    "image_grid_thw",
+    "video_grid_thw",
+    "pixel_values",
+    "pixel_values_videos",
+    "image_sizes_videos",
+    "vision_feature_layer",
+    "vision_feature_select_strategy",
+)
+
+
+@dataclass
+class DecodeState:
+    mask: Tensor  # (B, cache_len) mask of what the cache holds
+    pass_mask: bool  # whether the decoder needs the mask (padding present)
+    next_position: Tensor  # (B,)
+
+
+def _cache_of(kwargs: dict[str, Any]) -> tuple[str, Any]:
+    for key in ("cache", "past_key_values"):
+        if key in kwargs:
+            return key, kwargs[key]
+    return "cache", None
+
+
+def _cache_len(cache: Any) -> int:
+    if cache is None:
+        return 0
+    try:
+        return int(cache.get_seq_length())
+    except (AttributeError, TypeError):
+        return 0
+
+
+def apply_reductions(
+    embeds: Tensor, groups: list[VisualGroup], reductions: list[Reduction]
+) -> tuple[Tensor, Tensor]:
+    """Turn per-group decisions into a keep mask over columns, averaging pooled tokens in place.
+
+    Members a stock model never feeds to the LLM (column -1) are ignored; pooling weights are
+    renormalised over the members that are present.
+    """
+    keep = torch.ones(embeds.shape[:2], dtype=torch.bool, device=embeds.device)
+    out = embeds
+    for group, red in zip(groups, reductions):
+        cols = group.columns.to(embeds.device)
+        present = cols >= 0
+        keep[group.sample, cols[present]] = False
+        anchors = red.anchors.to(embeds.device)
+        anchor_cols = cols[anchors]
+        if red.weights is not None:
+            if out is embeds:
+                out = embeds.clone()
+            w = red.weights.to(embeds.device, torch.float32) * present.float().unsqueeze(0)
+            norm = w.sum(dim=1, keepdim=True)
+            ok = (norm.squeeze(1) > 0) & (anchor_cols >= 0)
+            w = w[ok] / norm[ok]
+            src = embeds[group.sample, cols.clamp(min=0)].float()
+            out[group.sample, anchor_cols[ok]] = (w @ src).to(embeds.dtype)
+            anchor_cols = anchor_cols[ok]
+        keep[group.sample, anchor_cols[anchor_cols >= 0]] = True
+    return keep, out
+
+
+class PreLLMSeam:
+    """Installs one pre-LLM method on one model instance through the adapter's seams."""
+
+    def __init__(self, adapter: Any, method: PreLLMMethod, handle: Any) -> None:
+        self.adapter = adapter
+        self.method = method
+        self.handle = handle
+        self.positions = getattr(method.config, "positions", None) or adapter.default_positions
+        self._states: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+    # -- installation -------------------------------------------------------------------------
+    def install(self, hooks: Any) -> None:
+        top, inner = self.adapter.model, self.adapter.inner
+        for module in (top, inner):
+            hooks.forward_pre(module, self._enter, with_kwargs=True)
+            hooks.forward(module, self._leave, with_kwargs=True, always_call=True)
+        hooks.forward_pre(self.adapter.decoder, self._decoder_pre, with_kwargs=True)
+        if self.method.needs_scores:
+            self.adapter.install_scoring(hooks, self.method.needs_scores, self.handle)
+
+    # -- call context -------------------------------------------------------------------------
+    def _enter(self, module: Any, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        inputs = {k: kwargs.get(k) for k in CAPTURED_INPUTS}
+        if args and inputs["input_ids"] is None and isinstance(args[0], Tensor):
+            inputs["input_ids"] = args[0]
+        ctx = context.enter(self.handle, inputs)
+        if module is self.adapter.model and kwargs.get("labels") is not None:
+            kwargs = dict(kwargs)
+            ctx.inputs["labels"] = kwargs.pop("labels")
+        return args, kwargs
+
+    def _leave(self, module: Any, args: tuple, kwargs: dict, output: Any) -> Any:
+        ctx = context.current()
+        if (
+            ctx is not None
+            and ctx.owner is self.handle
+            and ctx.depth == 0
+            and output is not None
+            and "labels" in ctx.inputs
+        ):
+            labels = ctx.inputs["labels"]
+            if ctx.columns is not None:
+                labels = gather_columns(labels, ctx.columns, -100)
+            logits = output.logits
+            output.loss = module.loss_function(
+                logits=logits, labels=labels, vocab_size=logits.shape[-1]
+            )
+        context.leave(self.handle)
+        return output
+
+    # -- the seam -----------------------------------------------------------------------------
+    def _decoder_pre(self, module: Any, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+        embeds = kwargs.get("inputs_embeds")
+        if embeds is None:
+            return None
+        cache_key, cache = _cache_of(kwargs)
+        past = _cache_len(cache)
+        ctx = context.current()
+        visual = None
+        if ctx is not None and ctx.owner is self.handle:
+            visual = self.adapter.visual_mask(ctx.inputs, embeds)
+        if visual is not None and bool(visual.any()):
+            if past > 0:
+                raise ValueError(
+                    "vlmprune: visual tokens arrived on a non-empty KV cache (an image in a later chat "
+                    "turn). Pruning before the LLM supports images in the first forward of a sequence; "
+                    "start a new cache for each image-bearing prompt."
+                )
+            return args, self._prune(module, kwargs, embeds, visual, ctx, cache_key, cache)
+        state = self._states.get(cache) if cache is not None else None
+        if state is not None:
+            return args, self._continue(kwargs, embeds, state)
+        return None
+
+    def _prune(
+        self, module: Any, kwargs: dict, embeds: Tensor, visual: Tensor, ctx: Any, cache_key: str, cache: Any
+    ) -> dict:
+        mask = kwargs.get("attention_mask")
+        if mask is not None and (not isinstance(mask, Tensor) or mask.dim() != 2):
+            raise ValueError(
+                "vlmprune: pre-LLM pruning needs a 2-D attention mask (or none); got a pre-built "
+                f"{type(mask).__name__} mask. Static / compiled caches are not supported with pruning."
+            )
+        bsz, length = embeds.shape[:2]
+        groups = self.adapter.visual_groups(ctx, visual, self.method.needs_scores)
+        reductions = []
+        per_sample_index: dict[int, int] = {}
+        seed = getattr(self.method.config, "seed", 0)
+        for group in groups:
+            i = per_sample_index.get(group.sample, 0)
+            per_sample_index[group.sample] = i + 1
+            gen = torch.Generator().manual_seed(seed * 1_000_003 + i)  # batch-invariant draws
+            reductions.append(self.method.reduce(group, gen))
+        keep, new_embeds = apply_reductions(embeds, groups, reductions)
+        pos = kwargs.get("position_ids")
+        if pos is None:
+            pos = default_positions(mask, bsz, length, 0, embeds.device)
+        pruned = prune_sequence(new_embeds, keep, mask, pos, positions=self.positions)
+        kwargs = dict(kwargs)
+        kwargs["inputs_embeds"] = pruned.inputs_embeds
+        kwargs["attention_mask"] = pruned.attention_mask
+        kwargs["position_ids"] = pruned.position_ids
+        ctx.columns = pruned.columns
+        use_cache = kwargs.get("use_cache")
+        if use_cache is None:
+            use_cache = getattr(module.config, "use_cache", False)
+        if use_cache and cache is None:
+            from transformers import DynamicCache
+
+            cache = DynamicCache(config=module.config)
+            kwargs[cache_key] = cache
+        if cache is not None:
+            state_mask = (
+                pruned.attention_mask
+                if pruned.attention_mask is not None
+                else torch.ones(pruned.columns.shape, dtype=torch.long, device=embeds.device)
+            )
+            self._states[cache] = DecodeState(state_mask, pruned.attention_mask is not None, pruned.next_position)
+        real = mask.bool() if mask is not None else torch.ones_like(visual)
+        visual_in = (visual & real).sum(1)
+        new_real = pruned.columns >= 0
+        if pruned.attention_mask is not None:
+            new_real = pruned.attention_mask.bool()
+        self.handle.stats.add(
+            ForwardRecord(
+                method=self.method.label,
+                visual_in=visual_in.tolist(),
+                visual_out=(visual_in - pruned.removed).tolist(),
+                llm_tokens=new_real.sum(1).tolist(),
+                seq_len=int(pruned.columns.shape[1]),
+                positions=self.positions,
+                scoring=self.adapter.score_kind if self.method.needs_scores else None,
+                attn_backend=getattr(module.config, "_attn_implementation", None),
+            )
+        )
+        return kwargs
+
+    def _continue(self, kwargs: dict, embeds: Tensor, state: DecodeState) -> dict:
+        n = embeds.shape[1]
+        mask = kwargs.get("attention_mask")
+        if mask is not None and isinstance(mask, Tensor) and mask.dim() == 2:
+            tail = mask[:, -n:].to(state.mask.dtype)
+            state.pass_mask = True
+        else:
+            tail = torch.ones(embeds.shape[0], n, dtype=state.mask.dtype, device=state.mask.device)
+        state.mask = torch.cat([state.mask, tail.to(state.mask.device)], dim=1)
+        pos_in = kwargs.get("position_ids")
+        axes = pos_in.shape[0] if isinstance(pos_in, Tensor) and pos_in.dim() == 3 else None
+        kwargs = dict(kwargs)
+        kwargs["position_ids"] = decode_positions(state.next_position, n, axes)
+        state.next_position = state.next_position + n
+        kwargs["attention_mask"] = state.mask if state.pass_mask else None
+        return kwargs
