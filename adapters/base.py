@@ -60,7 +60,7 @@ class Adapter:
 
     def visual_mask(self, inputs: dict[str, Any], embeds: Tensor) -> Tensor | None:
         """Columns of the current chunk that hold visual tokens, or None for a text-only call."""
-        if inputs.get("pixel_values") is None and inputs.get("pixel_values_videos") is None:
+        if all(inputs.get(k) is None for k in ("pixel_values", "pixel_values_videos", "mm_encoder_outputs")):
             return None
         ids = inputs.get("input_ids")
         if ids is not None:

@@ -57,6 +57,11 @@ class ClipScoringMixin:
 
     def captured_scores(self, ctx: context.CallContext) -> Tensor:
         """(num_encoder_inputs, N) patch scores of every vision-tower call so far in this context."""
+        if not ctx.captured.get("vision.q"):
+            raise ValueError(
+                "vlmprune: this method scores tokens inside the vision tower, so the call must pass "
+                "pixel_values (not pre-computed mm_encoder_outputs / image features)"
+            )
         q = torch.cat(ctx.captured.get("vision.q", []), dim=0)
         k = torch.cat(ctx.captured.get("vision.k", []), dim=0)
         attn = self._scoring_attn

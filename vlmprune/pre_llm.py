@@ -36,6 +36,7 @@ CAPTURED_INPUTS = (
     "image_sizes_videos",
     "vision_feature_layer",
     "vision_feature_select_strategy",
+    "mm_encoder_outputs",
 )
 
 
@@ -109,6 +110,9 @@ class PreLLMSeam:
             hooks.forward_pre(module, self._enter, with_kwargs=True)
             hooks.forward(module, self._leave, with_kwargs=True, always_call=True)
         hooks.forward_pre(self.adapter.decoder, self._decoder_pre, with_kwargs=True)
+        # transformers' generate() encodes images before the first forward, outside any call this
+        # seam can see; on this instance only, let the first forward encode them instead.
+        hooks.set_attr(top, "_supports_mm_encoder_outputs", lambda: False)
         if self.method.needs_scores:
             self.adapter.install_scoring(hooks, self.method.needs_scores, self.handle)
 
