@@ -104,6 +104,10 @@ class Adapter:
         """Groups of visual tokens of this call, in the order the stock model scatters them."""
         raise TypeError(f"{type(self).__name__} must implement visual_groups()")
 
+    def scoring_flops(self, ctx: context.CallContext) -> float:
+        """FLOPs the captured scoring costs in this call (a method's overhead in the FLOPs report)."""
+        return 0.0
+
     def install_scoring(self, hooks: Any, kind: str, handle: Any) -> None:
         """Capture what the [CLS] score needs during the vision tower's forward."""
         raise TypeError(f"{type(self).__name__} must implement install_scoring()")

@@ -71,6 +71,15 @@ class ClipScoringMixin:
             return cls_attention_scores(q, k, heads, scale)
         return mean_received_attention(q, k, heads, scale)
 
+    def scoring_flops(self, ctx: context.CallContext) -> float:
+        """FLOPs of computing the scores: one query row (cls) or all rows of q·kᵀ (fallback)."""
+        keys = ctx.captured.get("vision.k", [])
+        total = 0.0
+        for k in keys:
+            b, n, c = k.shape
+            total += 2.0 * b * n * c * (1 if self.score_kind == "cls" else n)
+        return total
+
 
 class LlavaAdapter(ClipScoringMixin, Adapter):
     family = "llava"

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tiny import IMAGE_TOKEN, PAD, llava_inputs, tiny_llava
 
 import vlmprune
 from vlmprune.methods.base import keep_count
+
+from tiny import IMAGE_TOKEN, PAD, llava_inputs, tiny_llava
 
 torch.set_grad_enabled(False)
 
@@ -268,6 +269,7 @@ def test_ratio_wrong_type(model):
 
 def test_unsupported_model():
     from transformers import LlamaForCausalLM
+
     from tiny import llama_config
 
     with pytest.raises(TypeError, match="Supported model classes: .*LlavaForConditionalGeneration"):
@@ -293,6 +295,7 @@ def test_mismatched_image_count(model):
 
 def test_siglip_tower_uses_labelled_fallback():
     from transformers import LlavaConfig, LlavaForConditionalGeneration, SiglipVisionConfig
+
     from tiny import llama_config
 
     torch.manual_seed(0)

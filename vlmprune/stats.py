@@ -20,6 +20,7 @@ class ForwardRecord:
     positions: str  # "contiguous" or "original"
     scoring: str | None = None  # e.g. "cls", or "nocls" for the labelled fallback
     attn_backend: str | None = None
+    overhead_flops: float = 0.0  # the method's own work (e.g. computing the [CLS] row)
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)

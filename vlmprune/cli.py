@@ -1,0 +1,64 @@
+"""The ``vlmprune`` console script: ``vlmprune bench`` (and more sub-commands as they land)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+def _ratios(text: str) -> list[float]:
+    try:
+        values = [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"ratios must be comma-separated numbers, got {text!r}") from None
+    bad = [v for v in values if not 0.0 <= v < 1.0]
+    if not values or bad:
+        raise argparse.ArgumentTypeError(f"every ratio must be in [0, 1); got {text!r}")
+    return values
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from . import bench
+    from .registry import available_methods
+
+    if args.method not in available_methods():
+        print(f"vlmprune bench: unknown method {args.method!r}; choose from {', '.join(available_methods())}",
+              file=sys.stderr)
+        return 2
+    rows = bench.run(args.ratios, method=args.method, size=args.size, repeats=args.repeats,
+                     warmup=args.warmup, device=args.device, seed=args.seed)
+    print(bench.format_table(rows))
+    if args.output:
+        out = Path(args.output)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps([r.as_dict() for r in rows], indent=2))
+        print(f"wrote {out}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="vlmprune", description="Visual-token reduction for Hugging Face VLMs")
+    sub = parser.add_subparsers(dest="command", required=True)
+    b = sub.add_parser("bench", help="prefill latency / memory / FLOPs benchmark of a pre-LLM method")
+    b.add_argument("--method", default="fastervlm")
+    b.add_argument("--ratios", type=_ratios, default=[0.0, 0.5, 0.75, 0.9, 0.95])
+    b.add_argument("--size", choices=["default", "tiny"], default="default",
+                   help="model size: 'default' (prefill > 100 ms on a laptop CPU) or 'tiny' (smoke test)")
+    b.add_argument("--repeats", type=int, default=15, help="interleaved (unpatched, patched) pairs per ratio")
+    b.add_argument("--warmup", type=int, default=3)
+    b.add_argument("--device", default="cpu")
+    b.add_argument("--seed", type=int, default=0)
+    b.add_argument("--output", help="also write the rows as JSON to this file")
+    b.set_defaults(func=_bench)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
