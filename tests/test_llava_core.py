@@ -310,3 +310,20 @@ def test_siglip_tower_uses_labelled_fallback():
     assert handle.stats.last.scoring == "nocls"
     assert handle.methods[0].label == "fastervlm-nocls"
     assert handle.stats.last.visual_out == [4]
+
+
+def test_handle_flops_falls_with_ratio(model):
+    from vlmprune import flops
+
+    inp = llava_inputs(model)
+    full = flops.estimate(model, inp, inp["input_ids"].shape[1])
+    with vlmprune.apply(model, "fastervlm", ratio=0.75) as handle:
+        with pytest.raises(RuntimeError, match="no patched call"):
+            handle.flops(inp)
+        model(**inp)
+        report = handle.flops(inp)
+    assert report.vision == full.vision
+    assert report.llm_prefill < full.llm_prefill
+    assert report.overhead > 0
+    # the LLM part equals a plain estimate at the pruned length
+    assert report.llm_prefill == flops.estimate(model, inp, handle.stats.last.seq_len).llm_prefill

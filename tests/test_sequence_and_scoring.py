@@ -97,7 +97,7 @@ def test_prune_sequence_right_padding_and_mrope():
     assert out.attention_mask[0].tolist() == [1, 1, 1, 0, 0, 0]
     assert out.columns[0, :3].tolist() == [0, 2, 3]
     labels = torch.arange(12).view(2, 6)
-    assert gather_columns(labels, out.columns, -100)[0].tolist() == [0, 2, 3, 4, 5, -100]
+    assert gather_columns(labels, out.columns, -100)[0].tolist() == [0, 2, 3, -100, -100, -100]  # old pads dropped, re-padded
 
 
 def test_decode_positions():

@@ -38,6 +38,21 @@ class Handle:
     def stages(self) -> list[Stage]:
         return [m.config.stage for m in self.methods]
 
+    def flops(self, inputs: dict[str, Any], generated_tokens: int = 0) -> Any:
+        """FLOPs of the last patched call on ``inputs`` (the README's convention), as a FlopsReport.
+
+        The LLM is counted at the padded length it really ran at, plus the method's own overhead.
+        """
+        from .flops import estimate
+
+        record = self.stats.last
+        if record is None:
+            raise RuntimeError("no patched call has run yet: call the model (or generate) first")
+        return estimate(
+            self.model, inputs, record.seq_len, generated_tokens=generated_tokens,
+            overhead=record.overhead_flops, batch_size=len(record.llm_tokens),
+        )
+
     def remove(self) -> None:
         if self.removed:
             return

@@ -76,6 +76,8 @@ def prune_sequence(
         # shift every token back by the number of real tokens removed before it
         shift = torch.cumsum(((~keep) & real).long(), dim=1)
         pos = pos - shift.unsqueeze(0)
+    # old padding goes too; the re-padding below adds back only what the new lengths need
+    keep = keep & real
     counts = keep.sum(dim=1)
     new_len = int(counts.max().item()) if bsz else 0
     columns = torch.full((bsz, new_len), -1, dtype=torch.long, device=device)
