@@ -104,6 +104,10 @@ class Adapter:
         """Groups of visual tokens of this call, in the order the stock model scatters them."""
         raise TypeError(f"{type(self).__name__} must implement visual_groups()")
 
+    def install_seam(self, hooks: Any, handle: Any) -> None:
+        """Family-specific fixes every pre-LLM method needs (e.g. position layouts); none by default."""
+        return None
+
     def scoring_flops(self, ctx: context.CallContext) -> float:
         """FLOPs the captured scoring costs in this call (a method's overhead in the FLOPs report)."""
         return 0.0

@@ -57,6 +57,13 @@ class ClipScoringMixin:
 
     def captured_scores(self, ctx: context.CallContext) -> Tensor:
         """(num_encoder_inputs, N) patch scores of every vision-tower call so far in this context."""
+        layer = ctx.inputs.get("vision_feature_layer")
+        if layer is not None and layer != self.config.vision_feature_layer:
+            raise ValueError(
+                f"vlmprune: this call overrides vision_feature_layer={layer!r}, but scoring was installed "
+                f"for the config's {self.config.vision_feature_layer!r}; set model.config.vision_feature_layer "
+                "before vlmprune.apply instead"
+            )
         if not ctx.captured.get("vision.q"):
             raise ValueError(
                 "vlmprune: this method scores tokens inside the vision tower, so the call must pass "

@@ -1,1 +1,347 @@
-"""Adapter module under construction."""
+"""LLaVA-NeXT and LLaVA-OneVision: AnyRes crops (base view + a grid of crops), unpadding, newlines.
+
+Both models encode every crop of every image as one vision-tower batch, then pack each image as
+its base-view tokens followed by the crops stitched into one large grid, cropped back to the
+image's aspect ratio ("unpadding") with an ``image_newline`` token closing each row. OneVision
+also shrinks very large stitched grids by bilinear interpolation (``vision_aspect_ratio``) and
+encodes video frames, pooled 2x2 (bilinear) with one newline after each video.
+
+FasterVLM's ``anyres="unpad"`` behaviour (spec section 4): one group per crop, base view
+included, over the full crop grid, so every crop keeps the same k; crop tokens the unpadding
+removes get column -1. Newline tokens belong to no group and are therefore always kept. Rather
+than re-deriving the packing arithmetic, the adapter runs the model's own ``pack_image_features``
+(and ``apply_pooling``) on index tensors, so the token-to-column map stays right for any grid.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from vlmprune import context
+from vlmprune.methods.base import VisualGroup
+
+from .base import Adapter
+from .llava import ClipScoringMixin, tower_has_cls
+
+#: marks a newline (or any non-grid) position in packed index tensors
+_NEWLINE = -1.0
+
+
+class LlavaNextAdapter(ClipScoringMixin, Adapter):
+    """``LlavaNextForConditionalGeneration``: CLIP tower with [CLS], every image AnyRes-patched."""
+
+    family = "llava_next"
+    model_classes = ("LlavaNextForConditionalGeneration",)
+
+    # -- geometry ---------------------------------------------------------------------------------
+    def _modeling(self) -> Any:
+        """The transformers module that defines this model, for its own AnyRes helpers."""
+        return sys.modules[type(self.inner).__module__]
+
+    def _crop_grid(self) -> tuple[int, int]:
+        vc = self.config.vision_config
+        side = vc.image_size // vc.patch_size
+        return side, side
+
+    def _extra_tokens(self, ctx: context.CallContext) -> int:
+        """Feature tokens per crop ahead of the patch grid ([CLS] kept by the "full" strategy)."""
+        strategy = ctx.inputs.get("vision_feature_select_strategy") or self.config.vision_feature_select_strategy
+        return 1 if (strategy == "full" and tower_has_cls(self.config.vision_config)) else 0
+
+    def _patched_crops(self, image_size: Any) -> int:
+        """Crops the model encodes for one AnyRes-patched image (base view included)."""
+        return int(
+            self._modeling().image_size_to_num_patches(
+                image_size=image_size,
+                grid_pinpoints=self.config.image_grid_pinpoints,
+                patch_size=self.config.vision_config.image_size,
+            )
+        )
+
+    def _pack(self, ctx: context.CallContext, features: list[Tensor], image_sizes: Tensor, **kw: Any) -> list[Tensor]:
+        """Run the model's own packing on (crops, tokens, 1) tensors; newlines get ``_NEWLINE``."""
+        strategy = ctx.inputs.get("vision_feature_select_strategy") or self.config.vision_feature_select_strategy
+        newline = torch.full((1,), _NEWLINE, dtype=features[0].dtype)
+        packed, _ = self.inner.pack_image_features(
+            features, image_sizes, vision_feature_select_strategy=strategy, image_newline=newline
+        )
+        return [p.squeeze(-1) for p in packed]
+
+    def _crops_per_image(self, ctx: context.CallContext, image_counts: list[int]) -> list[int]:
+        """Crops of each image, in the order the model encodes them; ``image_counts`` (image
+        placeholder tokens per sample) lets subclasses resolve per-sample patching rules."""
+        return [self._patched_crops(size) for size in ctx.inputs["image_sizes"]]
+
+    def _image_layouts(
+        self, ctx: context.CallContext, crops: list[int], feat: int, **kw: Any
+    ) -> list[tuple[Tensor, bool]]:
+        """Per image: the packed sequence as global feature indices (crop * feat + token, or -1
+        for a newline) and whether it is exact (False where OneVision interpolated the grid)."""
+        sizes = ctx.inputs["image_sizes"]
+        index = [torch.arange(n * feat, dtype=torch.float64).view(n, feat, 1) for n in crops]
+        return [(p, True) for p in self._pack(ctx, index, sizes, **kw)]
+
+    # -- which columns are which --------------------------------------------------------------
+    def _token_masks(self, ctx: context.CallContext, visual: Tensor) -> dict[str, Tensor]:
+        """Split the visual columns into image and video placeholders (scattered separately)."""
+        ids = ctx.inputs.get("input_ids")
+        names = {"image": ("image_token_id", "image_token_index"), "video": ("video_token_id", "video_token_index")}
+        out = {}
+        for kind, attrs in names.items():
+            tok = next((getattr(self.config, a) for a in attrs if getattr(self.config, a, None) is not None), None)
+            if tok is None:
+                continue
+            if ids is not None and ids.shape[:2] == visual.shape:
+                mask = ids.to(visual.device) == int(tok)
+            else:
+                user = ctx.inputs["inputs_embeds"]
+                ref = self.inner.get_input_embeddings()(torch.tensor(int(tok), device=user.device)).to(user.dtype)
+                mask = (user == ref).all(-1).to(visual.device)
+            out[kind] = mask & visual
+        return out
+
+    # -- groups -------------------------------------------------------------------------------
+    def _image_groups(
+        self, ctx: context.CallContext, mask: Tensor, score: Tensor | None
+    ) -> tuple[list[VisualGroup], int]:
+        """Groups of all images of the call and the number of crops they used from ``score``."""
+        if ctx.inputs.get("pixel_values") is None or not bool(mask.any()):
+            return [], 0
+        grid = self._crop_grid()
+        n = grid[0] * grid[1]
+        extra = self._extra_tokens(ctx)
+        feat = n + extra
+        crops = self._crops_per_image(ctx, mask.sum(1).tolist())
+        layouts = self._image_layouts(ctx, crops, feat)
+        chunks = self.split_columns(mask, [p.numel() for p, _ in layouts])
+        if score is not None and score.shape[0] < sum(crops):
+            raise ValueError(
+                f"vlmprune: the images need {sum(crops)} crops but the vision tower encoded {score.shape[0]}"
+            )
+        groups: list[VisualGroup] = []
+        offset = 0
+        sizes = ctx.inputs["image_sizes"]
+        for i, ((sample, cols), (packed, exact), n_crops) in enumerate(zip(chunks, layouts, crops)):
+            crop_scores = score[offset : offset + n_crops, score.shape[1] - n :] if score is not None else None
+            if exact:
+                groups.extend(self._crop_groups(sample, cols, packed, n_crops, feat, extra, grid, crop_scores))
+            else:
+                groups.extend(
+                    self._pooled_image_groups(ctx, sample, cols, packed, sizes[i : i + 1], feat, grid, crop_scores)
+                )
+            offset += n_crops
+        return groups, offset
+
+    @staticmethod
+    def _crop_groups(
+        sample: int,
+        cols: Tensor,
+        packed: Tensor,
+        n_crops: int,
+        feat: int,
+        extra: int,
+        grid: tuple[int, int],
+        scores: Tensor | None,
+    ) -> list[VisualGroup]:
+        """One group per crop: invert the packed index map into crop token -> column (or -1)."""
+        colmap = torch.full((n_crops * feat,), -1, dtype=torch.long, device=cols.device)
+        present = packed >= 0
+        colmap[packed[present].round().long().to(cols.device)] = cols[present.to(cols.device)]
+        colmap = colmap.view(n_crops, feat)[:, extra:]
+        groups = []
+        for c in range(n_crops):
+            kind = "image" if c == 0 else "crop"
+            s = scores[c] if scores is not None else None
+            groups.append(VisualGroup(sample=sample, columns=colmap[c].clone(), grid=grid, scores=s, kind=kind))
+        return groups
+
+    def _pooled_image_groups(
+        self,
+        ctx: context.CallContext,
+        sample: int,
+        cols: Tensor,
+        packed: Tensor,
+        image_size: Tensor,
+        feat: int,
+        grid: tuple[int, int],
+        scores: Tensor | None,
+    ) -> list[VisualGroup]:
+        """Groups of an image whose stitched grid the model interpolated (OneVision only)."""
+        raise RuntimeError(f"vlmprune: {type(self.inner).__name__} does not interpolate AnyRes grids")
+
+    def visual_groups(self, ctx: context.CallContext, visual: Tensor, scores: str | None) -> list[VisualGroup]:
+        """Per sample: its images' crops (base view, then grid crops, images in prompt order),
+        then its video frames. Columns carry the placement; this order only fixes which group is
+        a sample's i-th, which seeded methods rely on to be batch-invariant."""
+        masks = self._token_masks(ctx, visual)
+        score = self.captured_scores(ctx) if scores else None
+        groups, used = self._image_groups(ctx, masks["image"], score)
+        if "video" in masks:
+            rest = score[used:] if score is not None else None
+            groups.extend(self._video_groups(ctx, masks["video"], rest))
+        # per-sample order is what matters to methods (seeded draws); keep it stable
+        return sorted(groups, key=lambda g: g.sample)
+
+    def _video_groups(self, ctx: context.CallContext, mask: Tensor, score: Tensor | None) -> list[VisualGroup]:
+        return []
+
+
+class LlavaOnevisionAdapter(LlavaNextAdapter):
+    """``LlavaOnevisionForConditionalGeneration``: SigLIP tower (no [CLS]: the labelled
+    ``nocls`` fallback), AnyRes only for single-image samples, optional grid interpolation,
+    and video frames pooled 2x2 with one newline per video."""
+
+    family = "llava_onevision"
+    model_classes = ("LlavaOnevisionForConditionalGeneration",)
+
+    def _aspect_ratio(self, ctx: context.CallContext) -> str:
+        return ctx.inputs.get("vision_aspect_ratio") or self.config.vision_aspect_ratio
+
+    def _pack(self, ctx: context.CallContext, features: list[Tensor], image_sizes: Tensor, **kw: Any) -> list[Tensor]:
+        newline = torch.full((1,), _NEWLINE, dtype=features[0].dtype)
+        ratio = kw.get("vision_aspect_ratio") or self._aspect_ratio(ctx)
+        packed, _ = self.inner.pack_image_features(
+            features, image_sizes, image_newline=newline, vision_aspect_ratio=ratio
+        )
+        return [p.squeeze(-1) for p in packed]
+
+    def _image_layouts(
+        self, ctx: context.CallContext, crops: list[int], feat: int, **kw: Any
+    ) -> list[tuple[Tensor, bool]]:
+        """As LLaVA-NeXT, but an image whose stitched grid the model interpolated is not exact:
+        detected by packing once more with interpolation disabled and comparing lengths."""
+        real = super()._image_layouts(ctx, crops, feat)
+        plain = super()._image_layouts(ctx, crops, feat, vision_aspect_ratio=f"anyres_max_{2**31 - 1}")
+        return [(p, p.numel() == q.numel()) for (p, _), (q, _) in zip(real, plain)]
+
+    def _crops_per_image(self, ctx: context.CallContext, image_counts: list[int]) -> list[int]:
+        """OneVision patches an image only when its sample has exactly one (``batch_num_images``);
+        without that input every image is patched. When the call's ``batch_num_images`` is not
+        visible to the adapter, the per-sample placeholder counts decide between the two rules."""
+        sizes = ctx.inputs["image_sizes"]
+        patched = [self._patched_crops(s) for s in sizes]
+        given = ctx.inputs.get("batch_num_images")
+        if given is not None:
+            need = [int(k) == 1 for k in given for _ in range(int(k))]
+            return [p if nd else 1 for p, nd in zip(patched, need)]
+        return self._infer_crops(ctx, image_counts, patched)
+
+    def _infer_crops(self, ctx: context.CallContext, counts: list[int], patched: list[int]) -> list[int]:
+        """Choose between OneVision's two patching rules by the per-sample placeholder counts;
+        an error when both fit with different layouts (or none fits)."""
+        h, w = self._crop_grid()
+        feat = h * w + self._extra_tokens(ctx)
+        lengths = [p.numel() for p, _ in super()._image_layouts(ctx, patched, feat)]  # if patched
+        single = feat + 1  # an unpatched image: base view + one newline
+        total = len(patched)
+        plans: list[list[int]] = []
+
+        # rule 1 (no batch_num_images): every image patched, images fill samples in order
+        i, ok = 0, True
+        for c in counts:
+            got = 0
+            while got < c and i < total:
+                got += lengths[i]
+                i += 1
+            ok &= got == c
+        if ok and i == total:
+            plans.append(list(patched))
+
+        # rule 2 (batch_num_images): one image per sample patched, several images unpatched
+        def search(s: int, i: int, acc: list[int]) -> None:
+            if s == len(counts):
+                if i == total:
+                    plans.append(list(acc))
+                return
+            c = counts[s]
+            if c == 0:
+                search(s + 1, i, acc)
+                return
+            if i < total and lengths[i] == c:
+                search(s + 1, i + 1, acc + [patched[i]])
+            k = c // single
+            if k >= 2 and k * single == c and i + k <= total:
+                search(s + 1, i + k, acc + [1] * k)
+
+        search(0, 0, [])
+        unique = {tuple(p) for p in plans}
+        if len(unique) != 1:
+            raise ValueError(
+                "vlmprune: cannot tell which LLaVA-OneVision images were AnyRes-patched: "
+                f"{len(unique)} layouts fit the image token counts {counts}. vlmprune infers the "
+                "model's batch_num_images (and uses the config's vision_aspect_ratio) from the prompt."
+            )
+        return list(unique.pop())
+
+    def _pooled_image_groups(
+        self,
+        ctx: context.CallContext,
+        sample: int,
+        cols: Tensor,
+        packed: Tensor,
+        image_size: Tensor,
+        feat: int,
+        grid: tuple[int, int],
+        scores: Tensor | None,
+    ) -> list[VisualGroup]:
+        """The model interpolated this image's stitched grid, so grid tokens are blends of crop
+        tokens: the base view stays one crop group, the interpolated grid becomes one group whose
+        scores are the crop scores packed (stitched, unpadded, interpolated) exactly like the
+        features, through the model's own packing."""
+        cols = cols.to(packed.device)
+        base_cols = cols[:feat]
+        base = VisualGroup(
+            sample=sample, columns=base_cols.clone(), grid=grid, scores=scores[0] if scores is not None else None
+        )
+        rest, rest_cols = packed[feat:], cols[feat:]
+        is_token = rest != _NEWLINE  # packed on the CPU: index tensors are built there
+        rows = int((~is_token).sum())
+        width = int(is_token.sum()) // max(rows, 1)
+        pooled_scores = None
+        if scores is not None:
+            pooled = self._pack(ctx, [scores.double().unsqueeze(-1)], image_size)
+            pooled_scores = pooled[0][feat:][is_token.to(pooled[0].device)].float()
+        group = VisualGroup(
+            sample=sample, columns=rest_cols[is_token].clone(), grid=(rows, width), scores=pooled_scores, kind="crop"
+        )
+        return [base, group]
+
+    def _video_groups(self, ctx: context.CallContext, mask: Tensor, score: Tensor | None) -> list[VisualGroup]:
+        """One group per frame on the pooled grid; the newline after each video is in none."""
+        videos = ctx.inputs.get("pixel_values_videos")
+        if videos is None or not bool(mask.any()):
+            return []
+        n_videos, frames = videos.shape[:2]
+        h, w = self._crop_grid()
+        n = h * w
+        per_frame = self.inner.apply_pooling(torch.zeros(1, n, 1)).shape[1]
+        grid = (math.ceil(h / 2), math.ceil(w / 2))
+        if grid[0] * grid[1] != per_frame:
+            raise ValueError(f"vlmprune: pooled frame has {per_frame} tokens, expected a {grid} grid")
+        pooled = None
+        if score is not None:
+            if score.shape[0] != n_videos * frames:
+                raise ValueError(
+                    f"vlmprune: {n_videos * frames} video frames but the vision tower encoded {score.shape[0]}"
+                )
+            pooled = self.inner.apply_pooling(score[:, score.shape[1] - n :].unsqueeze(-1).float()).squeeze(-1)
+        chunks = self.split_columns(mask, [frames * per_frame + 1] * n_videos)
+        groups = []
+        for v, (sample, cols) in enumerate(chunks):
+            for f in range(frames):
+                s = pooled[v * frames + f] if pooled is not None else None
+                groups.append(
+                    VisualGroup(
+                        sample=sample,
+                        columns=cols[f * per_frame : (f + 1) * per_frame].clone(),
+                        grid=grid,
+                        scores=s,
+                        kind="frame",
+                    )
+                )
+        return groups

@@ -327,3 +327,9 @@ def test_handle_flops_falls_with_ratio(model):
     assert report.overhead > 0
     # the LLM part equals a plain estimate at the pruned length
     assert report.llm_prefill == flops.estimate(model, inp, handle.stats.last.seq_len).llm_prefill
+
+
+def test_per_call_feature_layer_override_is_an_error(model):
+    with vlmprune.apply(model, "fastervlm", ratio=0.5):
+        with pytest.raises(ValueError, match="vision_feature_layer"):
+            model(**llava_inputs(model), vision_feature_layer=-1)

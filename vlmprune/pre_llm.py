@@ -37,6 +37,8 @@ CAPTURED_INPUTS = (
     "vision_feature_layer",
     "vision_feature_select_strategy",
     "mm_encoder_outputs",
+    "batch_num_images",
+    "vision_aspect_ratio",
 )
 
 
@@ -109,6 +111,7 @@ class PreLLMSeam:
         for module in (top, inner):
             hooks.forward_pre(module, self._enter, with_kwargs=True)
             hooks.forward(module, self._leave, with_kwargs=True, always_call=True)
+        self.adapter.install_seam(hooks, self.handle)
         hooks.forward_pre(self.adapter.decoder, self._decoder_pre, with_kwargs=True)
         # transformers' generate() encodes images before the first forward, outside any call this
         # seam can see; on this instance only, let the first forward encode them instead.
