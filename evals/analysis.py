@@ -1,0 +1,88 @@
+"""Where does the [CLS] attention of the built-in model land? (the FasterVLM signal, inspected)
+
+``cls_attention(model, pixel_values)`` returns FasterVLM's score map (the [CLS] row of the
+feature layer's block, head-averaged) for each image; ``object_mass`` measures how much of it
+falls on patches that hold objects; ``save_heatmaps`` writes a picture for the README.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from vlmprune.adapters.llava import encoder_layers, feature_layer_index
+from vlmprune.methods.scoring import cls_attention_scores
+
+from . import data
+
+
+@torch.no_grad()
+def cls_attention(model: Any, pixel_values: Tensor) -> Tensor:
+    """(B, GRID, GRID) [CLS]-row scores at the encoder block that produces the feature layer."""
+    tower = model.model.vision_tower
+    layers = encoder_layers(tower)
+    attn = layers[feature_layer_index(model.config.vision_feature_layer, len(layers))].self_attn
+    captured: dict[str, Tensor] = {}
+    hooks = [
+        attn.q_proj.register_forward_hook(lambda m, a, o: captured.__setitem__("q", o[:, 0])),
+        attn.k_proj.register_forward_hook(lambda m, a, o: captured.__setitem__("k", o)),
+    ]
+    try:
+        tower(pixel_values.to(model.dtype))
+    finally:
+        for h in hooks:
+            h.remove()
+    scores = cls_attention_scores(captured["q"], captured["k"], model.config.vision_config.num_attention_heads)
+    side = int(scores.shape[1] ** 0.5)
+    return scores.view(-1, side, side)
+
+
+def object_mass(scores: Tensor, samples: list[data.ImageSample]) -> tuple[float, float]:
+    """(share of the [CLS] mass on object patches, share of patches that hold objects), averaged."""
+    mass, share = [], []
+    for s, sample in zip(scores, samples):
+        obj = torch.from_numpy(sample.object_patches())
+        mass.append(float(s[obj].sum() / s.sum()))
+        share.append(float(obj.float().mean()))
+    return float(np.mean(mass)), float(np.mean(share))
+
+
+def save_heatmaps(model: Any, processor: Any, path: str | Path, n: int = 4, split: str = "test") -> Path:
+    """A row of images with their [CLS]-attention heat-maps and FasterVLM's kept patches at 0.9."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from vlmprune.methods.base import keep_count
+    from vlmprune.methods.scoring import topk_indices
+
+    samples = data.image_split(split, n)
+    pixels = processor.image_processor([s.image for s in samples], return_tensors="pt")["pixel_values"]
+    scores = cls_attention(model, pixels)
+    fig, axes = plt.subplots(3, n, figsize=(2.6 * n, 7.8))
+    for i, (sample, score) in enumerate(zip(samples, scores)):
+        g = score.shape[0]
+        axes[0, i].imshow(sample.image)
+        axes[0, i].set_title(", ".join(f"{o.color} {o.shape}" for o in sample.objects), fontsize=7)
+        axes[1, i].imshow(sample.image)
+        axes[1, i].imshow(score.numpy(), cmap="inferno", alpha=0.7, extent=(0, 224, 224, 0))
+        axes[1, i].set_title("[CLS] attention", fontsize=8)
+        keep = topk_indices(score.flatten(), keep_count(g * g, 0.9))
+        mask = np.zeros(g * g)
+        mask[keep.numpy()] = 1
+        axes[2, i].imshow(sample.image)
+        axes[2, i].imshow(mask.reshape(g, g), cmap="Greens", alpha=0.5, extent=(0, 224, 224, 0))
+        axes[2, i].set_title(f"FasterVLM kept at 0.9 ({len(keep)})", fontsize=8)
+    for ax in axes.flat:
+        ax.axis("off")
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
