@@ -243,7 +243,8 @@ def quick_accuracy(model: Any, processor: Any, split: str = "val", n: int = 200)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="vlmprune train-builtin", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="vlmprune train-builtin", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--output", default=str(builtin.CHECKPOINT), help="checkpoint directory (safetensors + processor)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--vision-steps", type=int, default=1500)
@@ -257,7 +258,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--video-share", type=float, default=0.3, help="share of video clips in the batches")
     p.add_argument("--eval-samples", type=int, default=200)
     p.add_argument("--resume-dir", default=None, help="resumable training state (default: <output>/../train-state)")
-    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch threads; 1 is fastest on a small shared CPU and makes the run reproducible")
     return p
 
 

@@ -1,4 +1,4 @@
-"""The ``vlmprune`` console script: ``vlmprune bench`` (and more sub-commands as they land)."""
+"""The ``vlmprune`` console script: ``vlmprune bench``, ``vlmprune eval`` (and more sub-commands as they land)."""
 
 from __future__ import annotations
 
@@ -52,11 +52,34 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--seed", type=int, default=0)
     b.add_argument("--output", help="also write the rows as JSON to this file")
     b.set_defaults(func=_bench)
+    e = sub.add_parser("eval", add_help=False,
+                       help="accuracy vs FLOPs on the built-in benchmark (same as vlmprune-eval; see vlmprune eval --help)")
+    e.set_defaults(func=_eval)
+    t = sub.add_parser("train-builtin", add_help=False,
+                       help="train the built-in benchmark model from scratch (see vlmprune train-builtin --help)")
+    t.set_defaults(func=_train_builtin)
     return parser
 
 
+def _train_builtin(args: argparse.Namespace, rest: list[str]) -> int:
+    from .evals.train import main as train_main
+
+    return train_main(rest)
+
+
+def _eval(args: argparse.Namespace, rest: list[str]) -> int:
+    from .evals.cli import main as eval_main
+
+    return eval_main(rest, prog="vlmprune eval")
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, rest = parser.parse_known_args(argv)
+    if args.func in (_eval, _train_builtin):  # the sub-command's own parser takes the rest
+        return args.func(args, rest)
+    if rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
     return args.func(args)
 
 
