@@ -65,6 +65,14 @@ class VisionHeads(nn.Module):
         self.cls_count = nn.Linear(hidden, 6)  # 0..5 objects (mosaics: 0..2 per frame summed)
 
 
+def pair_targets(objects: tuple[data.Obj, ...]) -> np.ndarray:
+    """Multi-hot (shape, colour) presence: what the [CLS] head must read off the scene."""
+    pair = np.zeros(len(data.SHAPES) * len(data.COLORS), dtype=np.float32)
+    for o in objects:
+        pair[SHAPE_IDS[o.shape] * len(data.COLORS) + COLOR_IDS[o.color]] = 1
+    return pair
+
+
 def vision_batch(step: int, batch: int, video_share: float) -> dict[str, Any]:
     rng = np.random.default_rng(step)
     images, shapes, colors, pairs, counts = [], [], [], [], []
@@ -79,10 +87,7 @@ def vision_batch(step: int, batch: int, video_share: float) -> dict[str, Any]:
                 images.append(img)
                 shapes.append(s)
                 colors.append(c)
-                pair = np.zeros(len(data.SHAPES) * len(data.COLORS), dtype=np.float32)
-                for o in clip.objects:
-                    pair[SHAPE_IDS[o.shape] * len(data.COLORS) + COLOR_IDS[o.color]] = 1
-                pairs.append(pair)
+                pairs.append(pair_targets(clip.objects))
                 counts.append(len(clip.objects))
         else:
             sample = data.make_image("train", index)
@@ -90,10 +95,7 @@ def vision_batch(step: int, batch: int, video_share: float) -> dict[str, Any]:
             images.append(sample.image)
             shapes.append(s)
             colors.append(c)
-            pair = np.zeros(len(data.SHAPES) * len(data.COLORS), dtype=np.float32)
-            for o in sample.objects:
-                pair[SHAPE_IDS[o.shape] * len(data.COLORS) + COLOR_IDS[o.color]] = 1
-            pairs.append(pair)
+            pairs.append(pair_targets(sample.objects))
             counts.append(len(sample.objects))
     images, shapes, colors, pairs, counts = (x[:batch] for x in (images, shapes, colors, pairs, counts))
     return {
@@ -123,7 +125,7 @@ def train_vision(model: Any, args: argparse.Namespace, resume_dir: Path | None) 
         with torch.no_grad():
             obj = b["shape"] > 0
             acc = (heads.patch_shape(patches).argmax(-1)[obj] == b["shape"][obj]).float().mean()
-        return ls + lc + lp + ln, {"patch_shape_acc": float(acc), "count": float(ln)}
+        return ls + lc + lp + ln, {"patch_shape_acc": float(acc), "count": float(ln.detach())}
 
     cfg = LoopConfig(
         steps=args.vision_steps, lr=args.vision_lr, warmup=50, seed=args.seed, max_minutes=args.vision_minutes,
@@ -247,19 +249,19 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--output", default=str(builtin.CHECKPOINT), help="checkpoint directory (safetensors + processor)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--vision-steps", type=int, default=1500)
+    p.add_argument("--vision-steps", type=int, default=3000)
     p.add_argument("--vision-batch", type=int, default=16)
     p.add_argument("--vision-lr", type=float, default=2e-3)
-    p.add_argument("--vision-minutes", type=float, default=7.0)
+    p.add_argument("--vision-minutes", type=float, default=15.0)
     p.add_argument("--lm-steps", type=int, default=6000)
     p.add_argument("--lm-batch", type=int, default=16)
     p.add_argument("--lm-lr", type=float, default=1.5e-3)
-    p.add_argument("--lm-minutes", type=float, default=32.0)
+    p.add_argument("--lm-minutes", type=float, default=29.0)
     p.add_argument("--video-share", type=float, default=0.3, help="share of video clips in the batches")
     p.add_argument("--eval-samples", type=int, default=200)
     p.add_argument("--resume-dir", default=None, help="resumable training state (default: <output>/../train-state)")
-    p.add_argument("--threads", type=int, default=1,
-                   help="torch threads; 1 is fastest on a small shared CPU and makes the run reproducible")
+    p.add_argument("--threads", type=int, default=2,
+                   help="torch threads; use 1 on a CPU shared with other jobs (2 threads thrash there)")
     return p
 
 
@@ -278,6 +280,7 @@ def main(argv: list[str] | None = None) -> int:
     builtin.save_builtin(model, processor, out)
     log = {
         "seed": args.seed, "minutes": round(minutes, 1), "threads": torch.get_num_threads(),
+        "training_minutes": round(stage1["minutes"] + stage2["minutes"], 1),
         "stage1": {k: v for k, v in stage1.items() if k != "history"} | {"last": stage1["history"][-1:]},
         "stage2": {k: v for k, v in stage2.items() if k != "history"} | {"last": stage2["history"][-1:]},
         "val_accuracy": accuracy, "args": vars(args),

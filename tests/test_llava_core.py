@@ -10,7 +10,11 @@ from vlmprune.methods.base import keep_count
 
 from tiny import IMAGE_TOKEN, PAD, llava_inputs, tiny_llava
 
-torch.set_grad_enabled(False)
+
+@pytest.fixture(autouse=True)
+def _no_grad():
+    with torch.no_grad():
+        yield
 
 
 def kept_columns_recorder(model):

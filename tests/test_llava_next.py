@@ -29,7 +29,11 @@ from vlmprune.methods.base import keep_count
 
 from tiny import PAD, llama_config
 
-torch.set_grad_enabled(False)
+
+@pytest.fixture(autouse=True)
+def _no_grad():
+    with torch.no_grad():
+        yield
 
 IMAGE, VIDEO = 3, 4
 SIZE, PATCH = 48, 8  # 6x6 patch grid per crop

@@ -31,7 +31,11 @@ from vlmprune.adapters.qwen2_vl import Qwen2VLAdapter, frame_received_attention
 from vlmprune.methods.base import keep_count
 from vlmprune.methods.scoring import mean_received_attention, pooled_grid
 
-torch.set_grad_enabled(False)
+
+@pytest.fixture(autouse=True)
+def _no_grad():
+    with torch.no_grad():
+        yield
 
 IMG, VID, VSTART, VEND, PAD = 5, 6, 7, 8, 0
 TIE_TOL = 1e-6  # reference scores this close to the k-th one may go either way (eager vs SDPA)

@@ -49,6 +49,9 @@ class MethodConfig:
         return [f.name for f in dataclasses.fields(cls)]
 
 
+POSITION_CHOICES = (None, "contiguous", "original")
+
+
 def check_ratio(ratio: float) -> None:
     if isinstance(ratio, bool) or not isinstance(ratio, (int, float)):
         raise TypeError(f"ratio must be a number in [0, 1), got {ratio!r}")
@@ -62,6 +65,21 @@ def check_ratio(ratio: float) -> None:
 def check_choice(name: str, value: object, choices: tuple) -> None:
     if value not in choices:
         raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}; got {value!r}")
+
+
+@dataclass(frozen=True)
+class PreLLMConfig(MethodConfig):
+    """Options every pre-LLM reduction shares. ``ratio``: fraction of visual tokens removed, in
+    [0, 1). ``positions``: how kept tokens are numbered (None: the adapter's default, see the
+    README's "Positions after pruning")."""
+
+    stage: ClassVar[Stage] = Stage.PRE_LLM
+    ratio: float = 0.9
+    positions: str | None = None
+
+    def validate(self) -> None:
+        check_ratio(self.ratio)
+        check_choice("positions", self.positions, POSITION_CHOICES)
 
 
 @dataclass

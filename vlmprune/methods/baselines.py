@@ -8,34 +8,26 @@ from typing import ClassVar
 import torch
 
 from .base import (
-    MethodConfig,
+    PreLLMConfig,
     PreLLMMethod,
     Reduction,
-    Stage,
     VisualGroup,
-    check_choice,
-    check_ratio,
     keep_count,
 )
-from .fastervlm import POSITION_CHOICES
 from .scoring import adaptive_pool_weights, pooled_grid, topk_indices
 
 
 @dataclass(frozen=True)
-class RandomConfig(MethodConfig):
+class RandomConfig(PreLLMConfig):
     """Uniformly random tokens, ``round(N * (1 - ratio))`` per group; ``seed`` makes it reproducible
     (each call draws from a generator seeded anew, so the same input keeps the same tokens)."""
 
     method: ClassVar[str] = "random"
-    stage: ClassVar[Stage] = Stage.PRE_LLM
-    ratio: float = 0.9
     seed: int = 0
-    positions: str | None = None
 
     def validate(self) -> None:
-        check_ratio(self.ratio)
-        check_choice("positions", self.positions, POSITION_CHOICES)
-        if not isinstance(self.seed, int):
+        super().validate()
+        if not isinstance(self.seed, int) or isinstance(self.seed, bool):
             raise TypeError(f"seed must be an int, got {self.seed!r}")
 
 
@@ -47,20 +39,13 @@ class RandomPrune(PreLLMMethod):
 
 
 @dataclass(frozen=True)
-class PoolConfig(MethodConfig):
+class PoolConfig(PreLLMConfig):
     """Adaptive 2-D average pooling of each group's token grid to about ``1 - ratio`` of its
     tokens: an (h, w) grid becomes round(h*sqrt(1-r)) x round(w*sqrt(1-r)). Pooling acts on the
     projected features (the LLM's input), and each pooled token takes the position of its bin's
     top-left token."""
 
     method: ClassVar[str] = "pool"
-    stage: ClassVar[Stage] = Stage.PRE_LLM
-    ratio: float = 0.9
-    positions: str | None = None
-
-    def validate(self) -> None:
-        check_ratio(self.ratio)
-        check_choice("positions", self.positions, POSITION_CHOICES)
 
 
 class SpatialPool(PreLLMMethod):

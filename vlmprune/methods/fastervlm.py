@@ -15,36 +15,24 @@ from typing import ClassVar
 import torch
 
 from .base import (
-    MethodConfig,
+    PreLLMConfig,
     PreLLMMethod,
     Reduction,
-    Stage,
     VisualGroup,
-    check_choice,
-    check_ratio,
     keep_count,
 )
 from .scoring import topk_indices
 
-POSITION_CHOICES = (None, "contiguous", "original")
-
 
 @dataclass(frozen=True)
-class FasterVLMConfig(MethodConfig):
+class FasterVLMConfig(PreLLMConfig):
     """``ratio``: fraction of visual tokens removed. ``positions``: None uses the adapter's default
     (contiguous re-indexing for LLaVA / InternVL as in the reference code, original M-RoPE
-    positions for Qwen2-VL). ``anyres``: LLaVA-NeXT crop handling, "unpad" (stock HF layout,
-    newline tokens always kept) or "spatial" (the reference code's layout is not reproducible on
-    stock models, so only "unpad" is offered)."""
+    positions for Qwen2-VL). LLaVA-NeXT crops follow the stock HF layout (the spec's "unpad":
+    top-k per crop over the full crop grid, newline tokens always kept); the reference code's
+    "spatial" layout is not what stock models run, so it is not offered."""
 
     method: ClassVar[str] = "fastervlm"
-    stage: ClassVar[Stage] = Stage.PRE_LLM
-    ratio: float = 0.9
-    positions: str | None = None
-
-    def validate(self) -> None:
-        check_ratio(self.ratio)
-        check_choice("positions", self.positions, POSITION_CHOICES)
 
 
 class FasterVLM(PreLLMMethod):
