@@ -125,12 +125,12 @@ def capture_projections(hooks: Any, attn: nn.Module, handle: Any, key: str, cls_
     """
 
     def on_q(module: nn.Module, args: tuple, output: Tensor) -> None:
-        ctx = context.current()
+        ctx = context.current(handle)
         if ctx is not None and ctx.owner is handle:
             ctx.capture(key + ".q", (output[:, 0] if cls_only else output).detach())
 
     def on_k(module: nn.Module, args: tuple, output: Tensor) -> None:
-        ctx = context.current()
+        ctx = context.current(handle)
         if ctx is not None and ctx.owner is handle:
             ctx.capture(key + ".k", output.detach())
 

@@ -105,12 +105,12 @@ class InternVLAdapter(Adapter):
         self._scoring_attn = attn
 
         def on_q(module: nn.Module, args: tuple, output: Tensor) -> None:
-            ctx = context.current()
+            ctx = context.current(handle)
             if ctx is not None and ctx.owner is handle:
                 ctx.capture("vision.q", output[:, 0].detach())
 
         def on_k(module: nn.Module, args: tuple, output: Tensor) -> None:
-            ctx = context.current()
+            ctx = context.current(handle)
             if ctx is not None and ctx.owner is handle:
                 ctx.capture("vision.k", output.detach())
 

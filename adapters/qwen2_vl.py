@@ -199,14 +199,14 @@ class Qwen2VLAdapter(Adapter):
         scale = float(getattr(attn, "scaling", (attn.head_dim) ** -0.5))
 
         def on_tower(module: nn.Module, args: tuple, kwargs: dict) -> None:
-            ctx = context.current()
+            ctx = context.current(handle)
             if ctx is None or ctx.owner is not handle:
                 return
             grid = kwargs.get("grid_thw", args[1] if len(args) > 1 else None)
             ctx.capture(_GRID_KEY, (grid, kwargs.get("window_index")))
 
         def on_attn(module: nn.Module, args: tuple, kwargs: dict) -> None:
-            ctx = context.current()
+            ctx = context.current(handle)
             if ctx is None or ctx.owner is not handle or not ctx.captured.get(_GRID_KEY):
                 return
             x = args[0] if args else kwargs["hidden_states"]
@@ -270,7 +270,7 @@ class Qwen2VLAdapter(Adapter):
         self._seam_installed = True
 
         def on_inner(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
-            ctx = context.current()
+            ctx = context.current(handle)
             pos = kwargs.get("position_ids")
             if ctx is None or ctx.owner is not handle or not isinstance(pos, Tensor):
                 return None

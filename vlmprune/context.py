@@ -12,7 +12,7 @@ import contextvars
 from dataclasses import dataclass, field
 from typing import Any
 
-_CURRENT: contextvars.ContextVar[CallContext | None] = contextvars.ContextVar("vlmprune_call", default=None)
+_CURRENT: contextvars.ContextVar[tuple[CallContext, ...]] = contextvars.ContextVar("vlmprune_call", default=())
 
 
 @dataclass
@@ -21,6 +21,8 @@ class CallContext:
     inputs: dict[str, Any] = field(default_factory=dict)  # the multimodal model's call kwargs
     captured: dict[str, list[Any]] = field(default_factory=dict)  # per vision-tower call, in call order
     columns: Any = None  # column map of the last pruning, for labels
+    visual: Any = None  # (B, n) bool: visual columns of the sequence the decoder received
+    llm_state: Any = None  # the in-LLM seam's state for this call (vlmprune.llm_exit.ExitState)
     token: contextvars.Token | None = None
     depth: int = 0
 
@@ -28,30 +30,39 @@ class CallContext:
         self.captured.setdefault(key, []).append(value)
 
 
-def current() -> CallContext | None:
-    return _CURRENT.get()
+def current(owner: object | None = None) -> CallContext | None:
+    """The open context of ``owner`` (several handles on one model each have their own), or the
+    innermost one when no owner is given."""
+    stack = _CURRENT.get()
+    if owner is None:
+        return stack[-1] if stack else None
+    for ctx in reversed(stack):
+        if ctx.owner is owner:
+            return ctx
+    return None
 
 
 def enter(owner: object, inputs: dict[str, Any]) -> CallContext:
     """Open a context for ``owner`` or re-enter the one already open (nested patched modules)."""
-    ctx = _CURRENT.get()
-    if ctx is not None and ctx.owner is owner:
+    ctx = current(owner)
+    if ctx is not None:
         ctx.depth += 1
         for key, value in inputs.items():
             if value is not None:
                 ctx.inputs.setdefault(key, value)
         return ctx
     ctx = CallContext(owner=owner, inputs={k: v for k, v in inputs.items() if v is not None})
-    ctx.token = _CURRENT.set(ctx)
+    ctx.token = _CURRENT.set((*_CURRENT.get(), ctx))
     return ctx
 
 
 def leave(owner: object) -> CallContext | None:
-    ctx = _CURRENT.get()
-    if ctx is None or ctx.owner is not owner:
+    ctx = current(owner)
+    if ctx is None:
         return None
     if ctx.depth > 0:
         ctx.depth -= 1
         return None
-    _CURRENT.reset(ctx.token)
+    stack = _CURRENT.get()
+    _CURRENT.set(tuple(c for c in stack if c is not ctx))
     return ctx

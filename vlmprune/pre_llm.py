@@ -19,27 +19,9 @@ from torch import Tensor
 
 from . import context
 from .methods.base import PreLLMMethod, Reduction, VisualGroup
+from .scope import install_scope
 from .sequence import decode_positions, default_positions, gather_columns, prune_sequence
 from .stats import ForwardRecord
-
-#: inputs of the multimodal model that adapters may need to locate visual tokens
-CAPTURED_INPUTS = (
-    "input_ids",
-    "inputs_embeds",
-    "attention_mask",
-    "mm_token_type_ids",
-    "image_sizes",
-    "image_grid_thw",
-    "video_grid_thw",
-    "pixel_values",
-    "pixel_values_videos",
-    "image_sizes_videos",
-    "vision_feature_layer",
-    "vision_feature_select_strategy",
-    "mm_encoder_outputs",
-    "batch_num_images",
-    "vision_aspect_ratio",
-)
 
 
 @dataclass
@@ -107,47 +89,14 @@ class PreLLMSeam:
 
     # -- installation -------------------------------------------------------------------------
     def install(self, hooks: Any) -> None:
-        top, inner = self.adapter.model, self.adapter.inner
-        for module in (top, inner):
-            hooks.forward_pre(module, self._enter, with_kwargs=True)
-            hooks.forward(module, self._leave, with_kwargs=True, always_call=True)
+        install_scope(self.adapter, hooks, self.handle)
         self.adapter.install_seam(hooks, self.handle)
         hooks.forward_pre(self.adapter.decoder, self._decoder_pre, with_kwargs=True)
         # transformers' generate() encodes images before the first forward, outside any call this
         # seam can see; on this instance only, let the first forward encode them instead.
-        hooks.set_attr(top, "_supports_mm_encoder_outputs", lambda: False)
+        hooks.set_attr(self.adapter.model, "_supports_mm_encoder_outputs", lambda: False)
         if self.method.needs_scores:
             self.adapter.install_scoring(hooks, self.method.needs_scores, self.handle)
-
-    # -- call context -------------------------------------------------------------------------
-    def _enter(self, module: Any, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
-        inputs = {k: kwargs.get(k) for k in CAPTURED_INPUTS}
-        if args and inputs["input_ids"] is None and isinstance(args[0], Tensor):
-            inputs["input_ids"] = args[0]
-        ctx = context.enter(self.handle, inputs)
-        if module is self.adapter.model and kwargs.get("labels") is not None:
-            kwargs = dict(kwargs)
-            ctx.inputs["labels"] = kwargs.pop("labels")
-        return args, kwargs
-
-    def _leave(self, module: Any, args: tuple, kwargs: dict, output: Any) -> Any:
-        ctx = context.current()
-        if (
-            ctx is not None
-            and ctx.owner is self.handle
-            and ctx.depth == 0
-            and output is not None
-            and "labels" in ctx.inputs
-        ):
-            labels = ctx.inputs["labels"]
-            if ctx.columns is not None:
-                labels = gather_columns(labels, ctx.columns, -100)
-            logits = output.logits
-            output.loss = module.loss_function(
-                logits=logits, labels=labels, vocab_size=logits.shape[-1]
-            )
-        context.leave(self.handle)
-        return output
 
     # -- the seam -----------------------------------------------------------------------------
     def _decoder_pre(self, module: Any, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
@@ -156,11 +105,12 @@ class PreLLMSeam:
             return None
         cache_key, cache = _cache_of(kwargs)
         past = _cache_len(cache)
-        ctx = context.current()
+        ctx = context.current(self.handle)
         visual = None
         if ctx is not None and ctx.owner is self.handle:
             visual = self.adapter.visual_mask(ctx.inputs, embeds)
         if visual is not None and bool(visual.any()):
+            ctx.visual = visual
             if past > 0:
                 raise ValueError(
                     "vlmprune: visual tokens arrived on a non-empty KV cache (an image in a later chat "
@@ -202,6 +152,7 @@ class PreLLMSeam:
         kwargs["attention_mask"] = pruned.attention_mask
         kwargs["position_ids"] = pruned.position_ids
         ctx.columns = pruned.columns
+        ctx.visual = gather_columns(visual, pruned.columns, False)
         use_cache = kwargs.get("use_cache")
         if use_cache is None:
             use_cache = getattr(module.config, "use_cache", False)

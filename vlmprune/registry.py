@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from .methods.base import Method, MethodConfig
 from .methods.baselines import PoolConfig, RandomConfig, RandomPrune, SpatialPool
+from .methods.dyvte import DyVTE, DyVTEConfig
 from .methods.fastervlm import FasterVLM, FasterVLMConfig
 
 _REGISTRY: dict[str, tuple[type[MethodConfig], type[Method]]] = {}
@@ -45,3 +46,4 @@ def make_config(name: str, options: dict) -> MethodConfig:
 register(FasterVLMConfig, FasterVLM)
 register(RandomConfig, RandomPrune)
 register(PoolConfig, SpatialPool)
+register(DyVTEConfig, DyVTE)

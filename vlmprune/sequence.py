@@ -124,3 +124,53 @@ def decode_positions(next_position: Tensor, new_tokens: int, rope_axes: int | No
     if rope_axes is None:
         return pos
     return pos.unsqueeze(0).expand(rope_axes, *pos.shape).contiguous()
+
+
+def layer_mask(
+    valid_keys: Tensor,
+    query_len: int,
+    like: Tensor | None,
+    blocked: Tensor | None = None,
+) -> Tensor:
+    """A 4-D attention mask (B, 1, q, kv) for the last ``query_len`` of ``kv`` cached columns.
+
+    For decoder layers whose sequence a method changed, where the stock mask no longer fits:
+    query ``r`` sits at key column ``kv - q + r`` and sees the valid keys up to itself (causal,
+    in the order the cache holds them). ``blocked`` (B, q, kv) removes further keys per query.
+    The result has the form of ``like``, the mask the stock model built for the layer: boolean
+    (True = attend, SDPA) when ``like`` is None or boolean, additive float of its dtype otherwise
+    (eager). A query with no key left (a padding row) attends everywhere, as transformers does,
+    so no NaN appears in rows whose output is never used.
+    """
+    bsz, kv = valid_keys.shape
+    device = valid_keys.device
+    rows = torch.arange(query_len, device=device).unsqueeze(1) + (kv - query_len)
+    causal = torch.arange(kv, device=device).unsqueeze(0) <= rows  # (q, kv)
+    allowed = causal.unsqueeze(0) & valid_keys.bool().unsqueeze(1)  # (B, q, kv)
+    if blocked is not None:
+        allowed = allowed & ~blocked.to(device)
+    empty = ~allowed.any(dim=-1, keepdim=True)
+    allowed = allowed | empty
+    allowed = allowed.unsqueeze(1)
+    if like is None or like.dtype == torch.bool:
+        return allowed
+    out = torch.zeros(allowed.shape, dtype=like.dtype, device=device)
+    return out.masked_fill(~allowed, torch.finfo(like.dtype).min)
+
+
+def gather_sequence(values: Tensor, columns: Tensor, dim: int) -> Tensor:
+    """Pick ``columns`` (B, L') along the sequence axis ``dim`` of ``values``, whose batch axis is
+    ``dim - 1`` (size B or 1, broadcast); padding columns (-1) pick column 0 (their rows are masked)."""
+    if dim < 0:
+        dim += values.dim()
+    bsz, new_len = columns.shape
+    shape = list(values.shape)
+    if shape[dim - 1] != bsz:
+        shape[dim - 1] = bsz
+        values = values.expand(*shape)
+    index_shape = [1] * values.dim()
+    index_shape[dim - 1], index_shape[dim] = bsz, new_len
+    index = columns.clamp(min=0).to(values.device).view(index_shape)
+    expand = list(values.shape)
+    expand[dim] = new_len
+    return torch.gather(values, dim, index.expand(*expand))

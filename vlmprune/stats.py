@@ -21,6 +21,9 @@ class ForwardRecord:
     scoring: str | None = None  # e.g. "cls", or "nocls" for the labelled fallback
     attn_backend: str | None = None
     overhead_flops: float = 0.0  # the method's own work (e.g. computing the [CLS] row)
+    exit_layers: list[int] | None = None  # DyVTE: layers that saw each sample's visual tokens
+    layer_tokens: list[list[int]] | None = None  # real tokens per sample per decoder layer, when they differ
+    layer_seq_len: list[int] | None = None  # padded length per decoder layer, when it differs
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
