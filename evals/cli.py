@@ -83,6 +83,16 @@ def _ratios(text: str) -> list[float]:
     return list(dict.fromkeys(values))
 
 
+def _layers(text: str) -> list[int]:
+    try:
+        values = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        values = []
+    if not values or any(v < 0 for v in values):
+        raise argparse.ArgumentTypeError(f"exit layers must be comma-separated integers >= 0, e.g. 1,2; got {text!r}")
+    return list(dict.fromkeys(values))
+
+
 def _positive(text: str) -> int:
     try:
         value = int(text)
@@ -110,6 +120,12 @@ def build_parser(prog: str = "vlmprune-eval") -> argparse.ArgumentParser:
     p.add_argument("--ratio", type=_ratios, default=list(harness.DEFAULT_RATIOS),
                    help="comma list of fractions of visual tokens removed, each in [0, 1) "
                    f"(default: {','.join(f'{r:g}' for r in harness.DEFAULT_RATIOS)}); 'none' runs once at 0")
+    p.add_argument("--exit-layer", type=_layers, default=None,
+                   help="dyvte: comma list of fixed exit layers K (layers K.. run without visual tokens; "
+                   "default with --method dyvte: 1..L-1 plus the shipped gates)")
+    p.add_argument("--gates", default=None,
+                   help="dyvte: trained gates (a gates.safetensors file or its directory); default: the "
+                   "built-in model's shipped gates")
     p.add_argument("--limit", type=_positive, default=None,
                    help="items per task (default: per-task counts below, sized for a 5-minute run)")
     p.add_argument("--batch-size", type=_positive, default=16, help="items per model call (default: 16)")
@@ -148,11 +164,19 @@ def main(argv: list[str] | None = None, prog: str = "vlmprune-eval") -> int:
         em = harness.load_model(args.model, device=args.device, seed=args.seed)
     except harness.ModelLoadError as exc:
         return _fail(prog, str(exc))
+    import vlmprune.adapters
+
+    exit_layers, gates = args.exit_layer or [], args.gates
+    if "dyvte" in args.method and args.exit_layer is None and gates is None:
+        exit_layers = list(range(1, len(vlmprune.adapters.for_model(em.model).decoder_layers)))
+        gates = harness.shipped_gates(em)
+    if gates is not None and not Path(gates).exists():
+        return _fail(prog, f"--gates {gates}: no such file or directory (train gates with `vlmprune train-gates`)")
     began = time.perf_counter()
     try:
         rows = harness.run_eval(
             em, args.task, args.method, args.ratio, limit=args.limit, batch_size=args.batch_size,
-            seed=args.seed, positions=args.positions, data_dir=args.data_dir,
+            seed=args.seed, positions=args.positions, data_dir=args.data_dir, exit_layers=exit_layers, gates=gates,
             progress=False if args.no_progress else None,
         )
     except (ValueError, OSError) as exc:  # unreadable video cache, unsupported model, ...

@@ -78,6 +78,7 @@ class EvalModel:
     processor: Any
     name: str
     builtin: bool = True
+    path: Path | None = None  # the checkpoint directory, when loaded from one
 
     def __post_init__(self) -> None:
         tok = self.processor.tokenizer
@@ -146,7 +147,7 @@ def load_model(spec: str | None = None, device: str = "cpu", seed: int = 0) -> E
             model, processor = builtin.load_builtin(device=device)
         except FileNotFoundError as exc:
             raise ModelLoadError(str(exc)) from None
-        return EvalModel(model, processor, "builtin")
+        return EvalModel(model, processor, "builtin", path=builtin.CHECKPOINT)
     if spec == "untrained":
         model, processor = builtin.build_untrained(seed=seed)
         return EvalModel(model.to(device), processor, "builtin-untrained")
@@ -159,7 +160,7 @@ def load_model(spec: str | None = None, device: str = "cpu", seed: int = 0) -> E
         )
     if _is_builtin_checkpoint(path):
         model, processor = builtin.load_builtin(path, device=device)
-        return EvalModel(model, processor, str(path))
+        return EvalModel(model, processor, str(path), path=path)
     try:
         from transformers import AutoModelForImageTextToText, AutoProcessor
 
@@ -168,7 +169,19 @@ def load_model(spec: str | None = None, device: str = "cpu", seed: int = 0) -> E
     except Exception as exc:  # noqa: BLE001 - one line for the command line, whatever went wrong
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise ModelLoadError(f"cannot load {path} with AutoModelForImageTextToText/AutoProcessor: {first}") from None
-    return EvalModel(model, processor, str(path), builtin=False)
+    return EvalModel(model, processor, str(path), builtin=False, path=path)
+
+
+#: where a checkpoint's DyVTE gates live, next to its weights
+GATES_DIR = "dyvte-gates"
+
+
+def shipped_gates(em: EvalModel) -> str | None:
+    """The DyVTE gates saved next to the model's checkpoint, if any."""
+    if em.path is None:
+        return None
+    candidate = Path(em.path) / GATES_DIR / "gates.safetensors"
+    return str(candidate) if candidate.exists() else None
 
 
 def _is_builtin_checkpoint(path: Path) -> bool:
@@ -423,6 +436,7 @@ class _Cell:
     qtypes: list[str] = field(default_factory=list)
     predictions: list[str] = field(default_factory=list)
     visual: list[int] = field(default_factory=list)
+    visual_in: list[int] = field(default_factory=list)
     llm: list[int] = field(default_factory=list)
     generated: list[int] = field(default_factory=list)
     seconds: float = 0.0
@@ -430,7 +444,7 @@ class _Cell:
     flops: dict[str, float] = field(default_factory=lambda: defaultdict(float))
 
 
-def _llm_flops(model: Any, llm_tokens: int, generated: int) -> flops_mod.FlopsReport:
+def _llm_flops(model: Any, llm_tokens: int | tuple[int, ...], generated: int) -> flops_mod.FlopsReport:
     key = (id(model.config), llm_tokens, generated)
     cache = _llm_flops.__dict__.setdefault("cache", {})
     if key not in cache:
@@ -443,10 +457,14 @@ def _account(cell: _Cell, em: EvalModel, inputs: dict[str, Tensor], records: lis
     if records:
         rec = records[-1]
         cell.positions = rec.positions
-        visual, llm, overhead = list(rec.visual_out), list(rec.llm_tokens), sum(r.overhead_flops for r in records)
+        first = [r for r in records if r.call == rec.call][0]  # the first seam of the call saw the stock input
+        visual, visual_in = list(rec.visual_out), list(first.visual_in)
+        llm = [tuple(t) for t in rec.layer_tokens] if rec.layer_tokens else list(rec.llm_tokens)
+        overhead = sum(r.overhead_flops for r in records)
     else:
         ids = inputs["input_ids"]
         visual = (ids == em.image_token_id).sum(1).tolist() if em.image_token_id is not None else [0] * len(ids)
+        visual_in = list(visual)
         llm = inputs["attention_mask"].sum(1).tolist() if "attention_mask" in inputs else [ids.shape[1]] * len(ids)
         overhead = 0.0
     enc, proj = flops_mod.vision_flops(em.model, inputs)
@@ -454,11 +472,12 @@ def _account(cell: _Cell, em: EvalModel, inputs: dict[str, Tensor], records: lis
     cell.flops["projector"] += proj
     cell.flops["overhead"] += overhead
     for n, g in zip(llm, result.generated_tokens):
-        rep = _llm_flops(em.model, int(n), int(g))
+        rep = _llm_flops(em.model, n if isinstance(n, tuple) else int(n), int(g))
         cell.flops["llm_prefill"] += rep.llm_prefill
         cell.flops["decode"] += rep.decode
     cell.visual += [int(v) for v in visual]
-    cell.llm += [int(n) for n in llm]
+    cell.visual_in += [int(v) for v in visual_in]
+    cell.llm += [float(np.mean(n)) if isinstance(n, tuple) else int(n) for n in llm]
     cell.generated += list(result.generated_tokens)
 
 
@@ -490,7 +509,11 @@ def _run_cell(
     return cell
 
 
-def _row(task: Task, method: str, ratio: float, cell: _Cell, em: EvalModel, extra: dict[str, Any]) -> dict[str, Any]:
+def _row(task: Task, spec: GridCell, cell: _Cell, em: EvalModel, extra: dict[str, Any]) -> dict[str, Any]:
+    method, ratio = spec.method, spec.ratio
+    if ratio is None:  # methods without a ratio (DyVTE): the measured share of visual tokens removed
+        seen, given = float(np.sum(cell.visual)), float(np.sum(cell.visual_in))
+        ratio = round(1.0 - seen / given, 4) if given else 0.0
     n = max(len(cell.scores), 1)
     per_type: dict[str, list[float]] = defaultdict(list)
     for q, s in zip(cell.qtypes, cell.scores):
@@ -502,6 +525,7 @@ def _row(task: Task, method: str, ratio: float, cell: _Cell, em: EvalModel, extr
         "metric": task.metric,
         "method": method,
         "ratio": ratio,
+        "setting": spec.setting,
         "accuracy": 100.0 * float(np.mean(cell.scores)) if cell.scores else float("nan"),
         "per_type": {q: 100.0 * float(np.mean(v)) for q, v in sorted(per_type.items())},
         "per_type_n": {q: len(v) for q, v in sorted(per_type.items())},
@@ -517,11 +541,30 @@ def _row(task: Task, method: str, ratio: float, cell: _Cell, em: EvalModel, extr
     }
 
 
-def _method_options(method: str, ratio: float, seed: int, positions: str | None) -> dict[str, Any]:
+@dataclass(frozen=True)
+class GridCell:
+    """One method setting of the grid. ``ratio`` is None for methods that are not set by a ratio
+    (DyVTE: its row reports the measured share of visual tokens removed); ``setting`` labels the
+    row in tables and plots."""
+
+    method: str
+    ratio: float | None
+    options: tuple[tuple[str, Any], ...] = ()
+
+    @property
+    def setting(self) -> str:
+        if self.ratio is not None:
+            return f"{self.ratio:g}"
+        return ",".join(f"{k}={Path(v).name if k == 'gates' else v}" for k, v in self.options)
+
+
+def _method_options(spec: GridCell, seed: int, positions: str | None) -> dict[str, Any]:
     from vlmprune.registry import lookup
 
-    names = lookup(method)[0].option_names()
-    options: dict[str, Any] = {"ratio": ratio}
+    names = lookup(spec.method)[0].option_names()
+    options: dict[str, Any] = dict(spec.options)
+    if spec.ratio is not None:
+        options["ratio"] = spec.ratio
     if "seed" in names:
         options["seed"] = seed
     if positions is not None and "positions" in names:
@@ -529,14 +572,23 @@ def _method_options(method: str, ratio: float, seed: int, positions: str | None)
     return options
 
 
-def grid(methods: Sequence[str], ratios: Sequence[float]) -> list[tuple[str, float]]:
-    """(method, ratio) cells: ``none`` once at ratio 0, every other method at every ratio."""
-    cells: list[tuple[str, float]] = []
+def grid(
+    methods: Sequence[str], ratios: Sequence[float], exit_layers: Sequence[int] = (), gates: str | None = None
+) -> list[GridCell]:
+    """Cells: ``none`` once, every pruning method at every ratio, ``dyvte`` at every fixed exit
+    layer and with ``gates`` (when given)."""
+    cells: list[GridCell] = []
     for m in methods:
         if m == "none":
-            cells.append(("none", 0.0))
+            cells.append(GridCell("none", 0.0))
+        elif m == "dyvte":
+            cells += [GridCell(m, None, (("exit_layer", int(k)),)) for k in exit_layers]
+            if gates is not None:
+                cells.append(GridCell(m, None, (("gates", str(gates)),)))
+            if not exit_layers and gates is None:
+                raise ValueError("dyvte needs --exit-layer K[,K...] or --gates PATH (no shipped gates for this model)")
         else:
-            cells += [(m, float(r)) for r in ratios]
+            cells += [GridCell(m, float(r)) for r in ratios]
     return cells
 
 
@@ -556,6 +608,8 @@ def run_eval(
     seed: int = 0,
     positions: str | None = None,
     data_dir: str | os.PathLike | None = None,
+    exit_layers: Sequence[int] = (),
+    gates: str | None = None,
     progress: bool | None = None,
     keep_predictions: bool = False,
 ) -> list[dict[str, Any]]:
@@ -569,7 +623,7 @@ def run_eval(
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
     directory = Path(data_dir if data_dir is not None else DEFAULT_VIDEO_DIR).expanduser()
-    cells = grid(methods, ratios)
+    cells = grid(methods, ratios, exit_layers, gates)
     torch.manual_seed(seed)
     task_objs = [TASKS[name]() for name in tasks]
     loaded = [(t, t.load(limit if limit is not None else DEFAULT_LIMITS.get(t.name, 100), directory)) for t in task_objs]
@@ -582,18 +636,18 @@ def run_eval(
                 batches = [(b, task.encode(em, b)) for b in _batched(items, batch_size)]
                 if batches:  # warm-up (untimed): first-call allocations and lazy initialisation
                     answer_logits(em, batches[0][1])
-                for method, ratio in cells:
-                    bar.set_postfix_str(f"{task.name} {method} {ratio:g}")
+                for spec in cells:
+                    bar.set_postfix_str(f"{task.name} {spec.method} {spec.setting}")
                     with _PeakMemory(em.device) as mem:
-                        if method == "none":
+                        if spec.method == "none":
                             cell = _run_cell(task, em, batches, None, bar)
                         else:
-                            options = _method_options(method, ratio, seed, positions)
-                            with vlmprune.apply(em.model, method, **options) as handle:
+                            options = _method_options(spec, seed, positions)
+                            with vlmprune.apply(em.model, spec.method, **options) as handle:
                                 cell = _run_cell(task, em, batches, handle, bar)
                     extra = {"peak_mem_mb": mem.value, "batch_size": batch_size, "seed": seed,
                              "positions": cell.positions}
-                    row = _row(task, method, ratio, cell, em, extra)
+                    row = _row(task, spec, cell, em, extra)
                     if keep_predictions:
                         row["predictions"] = cell.predictions
                         row["scores"] = cell.scores
@@ -623,11 +677,17 @@ def _fmt_mem(v: float | None) -> str:
     return "n/a" if v is None else f"{v:.0f}"
 
 
+def _setting(r: dict[str, Any]) -> str:
+    """The ratio column: the ratio asked for, or for DyVTE its setting and the measured ratio."""
+    setting = r.get("setting", f"{r['ratio']:g}")
+    return setting if setting == f"{r['ratio']:g}" else f"{setting} ({r['ratio']:.2f})"
+
+
 def summary_tables(rows: Sequence[dict[str, Any]]) -> list[tuple[str, list[str], list[list[str]]]]:
     """(title, header, rows) of the main table and one per-question-type table per task."""
     head = ["task", "metric", "method", "ratio", "accuracy %", "visual tokens", "TFLOPs", "latency ms", "peak mem MB"]
     body = [
-        [r["task"], _metric_label(r["metric"]), r["method"], f"{r['ratio']:g}", f"{r['accuracy']:.1f}",
+        [r["task"], _metric_label(r["metric"]), r["method"], _setting(r), f"{r['accuracy']:.1f}",
          f"{r['visual_tokens']:.1f}", f"{r['tflops']:.5f}", f"{1e3 * r['latency_s']:.1f}", _fmt_mem(r["peak_mem_mb"])]
         for r in rows
     ]
@@ -636,7 +696,7 @@ def summary_tables(rows: Sequence[dict[str, Any]]) -> list[tuple[str, list[str],
         trows = [r for r in rows if r["task"] == task]
         qtypes = list(dict.fromkeys(q for r in trows for q in r["per_type"]))
         head_t = ["method", "ratio", *qtypes]
-        body_t = [[r["method"], f"{r['ratio']:g}", *(f"{r['per_type'][q]:.1f}" if q in r["per_type"] else "-" for q in qtypes)]
+        body_t = [[r["method"], _setting(r), *(f"{r['per_type'][q]:.1f}" if q in r["per_type"] else "-" for q in qtypes)]
                   for r in trows]
         tables.append((f"{task}: {_metric_label(trows[0]['metric'])} % per question type", head_t, body_t))
     return tables
@@ -702,7 +762,7 @@ def plot(rows: Sequence[dict[str, Any]], path: str | os.PathLike) -> Path:
                 continue
             ax.plot([p["tflops"] for p in pts], [p["accuracy"] for p in pts], marker="o", color=colours[m], label=m)
             for p in pts:
-                ax.annotate(f"{p['ratio']:g}", (p["tflops"], p["accuracy"]), textcoords="offset points",
+                ax.annotate(p.get("setting", f"{p['ratio']:g}").replace("exit_layer=", "K="), (p["tflops"], p["accuracy"]), textcoords="offset points",
                             xytext=(3, 3), fontsize=7, color=colours[m])
         ylabel = "token F1 %" if trows[0]["metric"] == "token_f1" else "accuracy %"
         ax.set(title=task, xlabel="TFLOPs per sample", ylabel=ylabel)

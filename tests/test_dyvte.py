@@ -424,3 +424,64 @@ def test_other_families_equal_masking(family):
         visual = int(sum((x["input_ids"] == t).sum() for t in ids))
         assert lengths == [n] + [n - visual] * (len(lengths) - 1)
         assert torch.equal(model.generate(**x, max_new_tokens=3, do_sample=False), ref_gen)
+
+
+@pytest.mark.parametrize("exit_layer", [0, 2])
+def test_flops_count_each_layer_at_its_length(exit_layer):
+    from test_flops import _counted
+
+    model = tiny_llava4(attn="eager")
+    x = llava_batch([(3, 4), (1, 6)])
+    with vlmprune.apply(model, "dyvte", exit_layer=exit_layer) as h:
+        measured, _ = _counted(lambda: model(**x, use_cache=False))
+        report = h.flops(x)
+    n = x["input_ids"].shape[1]
+    assert h.stats.last.layer_seq_len == [n] * exit_layer + [n - 16] * (LAYERS - exit_layer)
+    assert abs(report.total - measured) / measured < 1e-9
+    full = vlmprune.flops.estimate(model, x, n, batch_size=2)
+    assert report.llm_prefill < full.llm_prefill
+
+
+# -- gate training ---------------------------------------------------------------------------------
+def test_answer_labels_right_aligned():
+    from vlmprune.training.gates import answer_labels
+
+    ids = torch.tensor([[5, 6, 7, 8], [0, 5, 6, 9]])
+    assert answer_labels(ids, torch.tensor([2, 1])).tolist() == [[7, 8], [-100, 9]]
+
+
+def test_gate_step_labels_and_last_layer_always_exits():
+    """Exiting after the last layer changes nothing, so every sample is labelled "exit"."""
+    from vlmprune.adapters import for_model
+    from vlmprune.training.gates import gate_step
+
+    model = tiny_llava4()
+    x = llava_batch([(3, 4), (1, 6)])
+    gates = ExitGates(LAYERS, 32, 16)
+    gates.reset_parameters()
+    with torch.enable_grad():
+        loss, metrics = gate_step(model, for_model(model), gates, (x, torch.tensor([2, 3])), LAYERS - 1)
+        loss.backward()
+    assert metrics["exit_share"] == 1.0
+    assert gates.visual_gates_router[LAYERS - 1].w1.weight.grad is not None
+    assert gates.visual_gates_router[0].w1.weight.grad is None
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_train_gates_cli_steps_resume_and_frozen_model(tmp_path):
+    from vlmprune.evals.builtin import build_untrained
+    from vlmprune.training.gates import build_parser, builtin_batches, exit_report, train_gates
+
+    model, processor = build_untrained(seed=0)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    batches = builtin_batches(processor, 2, seed=0)
+    args = build_parser().parse_args(["--output", str(tmp_path), "--steps", "2", "--width", "8", "--lr", "1e-2"])
+    gates, result = train_gates(model, batches, args)
+    assert result["steps"] == 2 and (tmp_path / "train-state.pt").exists()
+    args = build_parser().parse_args(["--output", str(tmp_path), "--steps", "3", "--width", "8", "--lr", "1e-2"])
+    gates, result = train_gates(model, batches, args)  # resumes at step 2
+    assert result["steps"] == 3
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    path = save_gates(gates, tmp_path)
+    report = exit_report(model, path, batches, 1)
+    assert report["samples"] == 2 and 0 <= report["agreement_with_full"] <= 1

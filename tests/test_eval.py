@@ -155,7 +155,13 @@ def test_token_f1_and_grid():
     assert harness.token_f1("a red circle".split(), "a red circle".split()) == 1.0
     assert harness.token_f1([], "a".split()) == 0.0 and harness.token_f1([], []) == 1.0
     assert harness.token_f1("a a blue".split(), "a red".split()) == pytest.approx(2 * (1 / 3) * (1 / 2) / (1 / 3 + 1 / 2))
-    assert harness.grid(["none", "pool"], [0.5, 0.9]) == [("none", 0.0), ("pool", 0.5), ("pool", 0.9)]
+    cells = harness.grid(["none", "pool"], [0.5, 0.9])
+    assert [(c.method, c.ratio, c.setting) for c in cells] == [("none", 0.0, "0"), ("pool", 0.5, "0.5"), ("pool", 0.9, "0.9")]
+    cells = harness.grid(["dyvte"], [0.5], exit_layers=[1, 2], gates="/x/gates")
+    assert [(c.method, c.ratio, c.setting) for c in cells] == [
+        ("dyvte", None, "exit_layer=1"), ("dyvte", None, "exit_layer=2"), ("dyvte", None, "gates=gates")]
+    with pytest.raises(ValueError, match="exit-layer"):
+        harness.grid(["dyvte"], [0.5])
 
 
 def test_items_are_deterministic_and_balanced(videos):

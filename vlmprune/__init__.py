@@ -3,6 +3,7 @@
 from .api import Handle, apply
 from .methods.base import MethodConfig, Stage
 from .methods.baselines import PoolConfig, RandomConfig
+from .methods.dyvte import DyVTEConfig
 from .methods.fastervlm import FasterVLMConfig
 from .registry import available_methods
 
@@ -17,4 +18,5 @@ __all__ = [
     "FasterVLMConfig",
     "RandomConfig",
     "PoolConfig",
+    "DyVTEConfig",
 ]

@@ -48,9 +48,11 @@ class Handle:
         record = self.stats.last
         if record is None:
             raise RuntimeError("no patched call has run yet: call the model (or generate) first")
+        lengths = record.layer_seq_len or record.seq_len  # per decoder layer for in-LLM exits
+        overhead = sum(r.overhead_flops for r in self.stats.records if r.call == record.call)
         return estimate(
-            self.model, inputs, record.seq_len, generated_tokens=generated_tokens,
-            overhead=record.overhead_flops, batch_size=len(record.llm_tokens),
+            self.model, inputs, lengths, generated_tokens=generated_tokens,
+            overhead=overhead, batch_size=len(record.llm_tokens),
         )
 
     def remove(self) -> None:

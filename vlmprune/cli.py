@@ -58,7 +58,16 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train-builtin", add_help=False,
                        help="train the built-in benchmark model from scratch (see vlmprune train-builtin --help)")
     t.set_defaults(func=_train_builtin)
+    g = sub.add_parser("train-gates", add_help=False,
+                       help="train DyVTE exit gates on a frozen model (see vlmprune train-gates --help)")
+    g.set_defaults(func=_train_gates)
     return parser
+
+
+def _train_gates(args: argparse.Namespace, rest: list[str]) -> int:
+    from .training.gates import main as gates_main
+
+    return gates_main(rest)
 
 
 def _train_builtin(args: argparse.Namespace, rest: list[str]) -> int:
@@ -76,7 +85,7 @@ def _eval(args: argparse.Namespace, rest: list[str]) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, rest = parser.parse_known_args(argv)
-    if args.func in (_eval, _train_builtin):  # the sub-command's own parser takes the rest
+    if args.func in (_eval, _train_builtin, _train_gates):  # the sub-command's own parser takes the rest
         return args.func(args, rest)
     if rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")

@@ -9,9 +9,11 @@ encoder layer that scores tokens, the decoder seam that removes them) find it th
 from __future__ import annotations
 
 import contextvars
+import itertools
 from dataclasses import dataclass, field
 from typing import Any
 
+_SERIALS = itertools.count(1)
 _CURRENT: contextvars.ContextVar[tuple[CallContext, ...]] = contextvars.ContextVar("vlmprune_call", default=())
 
 
@@ -25,6 +27,7 @@ class CallContext:
     llm_state: Any = None  # the in-LLM seam's state for this call (vlmprune.llm_exit.ExitState)
     token: contextvars.Token | None = None
     depth: int = 0
+    serial: int = field(default_factory=lambda: next(_SERIALS))  # tells the records of one call apart
 
     def capture(self, key: str, value: Any) -> None:
         self.captured.setdefault(key, []).append(value)

@@ -67,6 +67,7 @@ class ExitState:
     prefill: bool = True
     query_len: int = 0
     cache_key: Any = None
+    call: int = 0  # serial of the prefill's call context
     _short: dict[str, Any] = field(default_factory=dict)  # per-call tensors reused by every short layer
 
     @property
@@ -175,7 +176,7 @@ class LLMExitSeam:
             num_layers=self.num_layers, visual=visual & valid, valid=valid, positions=pos,
             exit_at=torch.full((bsz,), self.num_layers, dtype=torch.long, device=embeds.device),
             decided=torch.zeros(bsz, dtype=torch.bool, device=embeds.device),
-            full_valid=valid, query_len=n, cache_key=cache_key,
+            full_valid=valid, query_len=n, cache_key=cache_key, call=ctx.serial,
         )
         state.decided |= ~state.visual.any(dim=1)  # nothing to remove: never exits
         self.policy.initial(state)
@@ -322,5 +323,6 @@ class LLMExitSeam:
                 exit_layers=[int(e) for e in state.exit_at.clamp(max=L)],
                 layer_tokens=layer_tokens,
                 layer_seq_len=[int(state.valid.shape[1]) if j < dropped else short_len for j in range(L)],
+                call=state.call,
             )
         )

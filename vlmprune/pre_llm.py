@@ -184,6 +184,7 @@ class PreLLMSeam:
                 scoring=self.adapter.score_kind if self.method.needs_scores else None,
                 attn_backend=getattr(module.config, "_attn_implementation", None),
                 overhead_flops=self.adapter.scoring_flops(ctx) if self.method.needs_scores else 0.0,
+                call=ctx.serial,
             )
         )
         return kwargs

@@ -24,6 +24,7 @@ class ForwardRecord:
     exit_layers: list[int] | None = None  # DyVTE: layers that saw each sample's visual tokens
     layer_tokens: list[list[int]] | None = None  # real tokens per sample per decoder layer, when they differ
     layer_seq_len: list[int] | None = None  # padded length per decoder layer, when it differs
+    call: int = 0  # serial of the forward call (records of composed methods share it)
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -1,0 +1,258 @@
+"""Train DyVTE's exit gates on a frozen model (``vlmprune train-gates``), as the reference does.
+
+Each step draws one layer ``k`` for the whole batch, runs the frozen model twice under teacher
+forcing (in full, and with every visual token gone from layer ``k + 1`` on), labels each sample
+"exit" when the exited model's greedy answer tokens agree with the full model's on more than 99%
+of positions and its answer loss is below 1.03 times the full one, and trains router ``k`` with
+cross-entropy on the text features of layer ``k``'s output. Only the routers get gradients.
+
+Data: ``builtin`` (the built-in benchmark's train split: image and video questions and captions)
+or a JSON-lines file with one ``{"image": path | [paths], "prompt": str, "answer": str}`` per
+line, where ``prompt`` already holds the processor's image placeholder(s) and chat template.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+import vlmprune
+from vlmprune.methods.dyvte import DyVTEConfig, ExitGates, exit_labels, gate_features, save_gates
+
+from .loop import LoopConfig, train_loop
+
+#: a batch: model inputs (left-padded, answers last) and the number of answer tokens per sample
+Batch = tuple[dict[str, Tensor], Tensor]
+
+
+def answer_labels(input_ids: Tensor, answer_len: Tensor) -> Tensor:
+    """(B, T) targets of the last T tokens (T = the longest answer), -100 where a sample's answer
+    is shorter; logits ``[:, -T-1:-1]`` score them."""
+    t = int(answer_len.max())
+    labels = input_ids[:, -t:].clone()
+    cols = torch.arange(t).unsqueeze(0)
+    labels[cols < (t - answer_len.unsqueeze(1))] = -100
+    return labels
+
+
+def gate_step(model: Any, adapter: Any, gates: ExitGates, batch: Batch, layer: int) -> tuple[Tensor, dict[str, float]]:
+    """Loss of router ``layer`` on one batch, and the share of samples labelled "exit"."""
+    inputs, answer_len = batch
+    labels = answer_labels(inputs["input_ids"], answer_len)
+    t = labels.shape[1]
+    captured: list[Tensor] = []
+    hook = adapter.decoder_layers[layer].register_forward_hook(
+        lambda m, a, out: captured.append((out[0] if isinstance(out, tuple) else out).detach())
+    )
+    try:
+        with torch.no_grad():
+            full = model(**inputs).logits[:, -t - 1 : -1]
+    finally:
+        hook.remove()
+    with torch.no_grad(), vlmprune.apply(model, DyVTEConfig(exit_layer=layer + 1)):
+        exited = model(**inputs).logits[:, -t - 1 : -1]
+    y = exit_labels(full, exited, labels)
+    ids = inputs["input_ids"]
+    visual = torch.zeros_like(ids, dtype=torch.bool)
+    for tok in adapter.placeholder_ids():
+        visual |= ids == tok
+    valid = inputs["attention_mask"].bool() if "attention_mask" in inputs else torch.ones_like(visual)
+    prompt = valid.clone()
+    prompt[:, -t:] &= labels == -100  # features read the prompt only, as the reference does
+    feats = gate_features(captured[0], visual.to(captured[0].device), prompt.to(captured[0].device))
+    logits = gates.logits(layer, feats)
+    loss = nn.functional.cross_entropy(logits, y.to(logits.device))
+    return loss, {"exit_share": float(y.float().mean()), "layer": float(layer)}
+
+
+# -- data --------------------------------------------------------------------------------------------
+
+
+def builtin_batches(processor: Any, batch_size: int, seed: int, split: str = "train",
+                    video_share: float = 0.3) -> Callable[[int], Batch]:
+    """Batch ``step`` of built-in questions and captions with their answers (deterministic)."""
+    from vlmprune.evals import builtin, data
+
+    eos = processor.tokenizer.eos_token
+
+    def make(step: int) -> Batch:
+        rng = np.random.default_rng(seed * 1_000_003 + step)
+        prompts, images, lengths = [], [], []
+        for i in range(batch_size):
+            index = 500_000 + step * batch_size + i  # far from the samples the model was trained on first
+            if rng.random() < video_share:
+                clip = data.make_video(split, index % 999_999)
+                imgs = data.mosaic(clip.frames)
+                if rng.random() < 0.3:
+                    words, answer = list(builtin.CAPTION_WORDS), clip.caption.split()
+                else:
+                    q = clip.questions[int(rng.integers(len(clip.questions)))]
+                    words, answer = list(q.words), [q.answer]
+            else:
+                sample = data.make_image(split, index % 999_999)
+                imgs = [sample.image]
+                q = sample.questions[int(rng.integers(len(sample.questions)))]
+                words, answer = list(q.words), [q.answer]
+            prompts.append(builtin.image_prompt(words + answer + [eos], len(imgs)))
+            images.append(imgs)
+            lengths.append(len(answer) + 1)
+        return builtin.encode(processor, prompts, images), torch.tensor(lengths)
+
+    return make
+
+
+def jsonl_batches(processor: Any, path: str | Path, batch_size: int, seed: int) -> Callable[[int], Batch]:
+    """Batches from a JSON-lines file (see the module docstring), shuffled per epoch."""
+    from PIL import Image
+
+    records = []
+    for n, line in enumerate(Path(path).read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+            images = rec["image"] if isinstance(rec["image"], list) else [rec["image"]]
+            records.append((images, str(rec["prompt"]), str(rec["answer"])))
+        except (json.JSONDecodeError, KeyError, TypeError) as exc:
+            raise ValueError(f"{path}:{n}: expected {{\"image\", \"prompt\", \"answer\"}} ({exc})") from None
+    if not records:
+        raise ValueError(f"{path}: no records")
+    tok = processor.tokenizer
+    tok.padding_side = "left"
+    base = Path(path).parent
+
+    def make(step: int) -> Batch:
+        per_epoch = max(1, len(records) // batch_size)
+        order = np.random.default_rng(seed + step // per_epoch).permutation(len(records))
+        chosen = [records[i] for i in order[(step % per_epoch) * batch_size :][:batch_size]]
+        texts, imgs, lengths = [], [], []
+        for images, prompt, answer in chosen:
+            texts.append(prompt + answer)
+            imgs += [Image.open(p if Path(p).is_absolute() else base / p).convert("RGB") for p in images]
+            lengths.append(len(tok(answer, add_special_tokens=False)["input_ids"]))
+        inputs = dict(processor(images=imgs, text=texts, return_tensors="pt", padding=True))
+        return inputs, torch.tensor(lengths)
+
+    return make
+
+
+# -- entry point -------------------------------------------------------------------------------------
+
+
+def load_model(spec: str, device: str) -> tuple[Any, Any]:
+    if spec == "builtin":
+        from vlmprune.evals.builtin import load_builtin
+
+        return load_builtin(device=device)
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    path = Path(spec)
+    if not path.is_dir():
+        raise ValueError(f"--model {spec!r}: expected 'builtin' or a local checkpoint directory (nothing is downloaded)")
+    model = AutoModelForImageTextToText.from_pretrained(path, local_files_only=True).to(device).eval()
+    return model, AutoProcessor.from_pretrained(path, local_files_only=True)
+
+
+def train_gates(model: Any, batches: Callable[[int], Batch], args: argparse.Namespace) -> tuple[ExitGates, dict[str, Any]]:
+    from vlmprune.adapters import for_model
+
+    adapter = for_model(model)
+    model.requires_grad_(False)
+    model.eval()
+    layers = len(adapter.decoder_layers)
+    hidden = adapter.text_config.hidden_size
+    torch.manual_seed(args.seed)
+    gates = ExitGates(layers, hidden, args.width)
+    gates.reset_parameters()
+    gates.to(next(model.parameters()).device)
+    layer_of = np.random.default_rng(args.seed).integers(0, layers, size=args.steps)  # one k per step
+
+    def step_fn(step: int) -> tuple[Tensor, dict[str, float]]:
+        return gate_step(model, adapter, gates, batches(step), int(layer_of[step]))
+
+    out = Path(args.output)
+    cfg = LoopConfig(
+        steps=args.steps, lr=args.lr, weight_decay=0.0, warmup=max(1, int(0.03 * args.steps)), seed=args.seed,
+        max_minutes=args.minutes, log_every=10, checkpoint_every=25,
+        resume_file=out / "train-state.pt" if not args.no_resume else None, desc="dyvte gates",
+    )
+    with torch.enable_grad():  # callers may sit in no_grad / inference mode
+        result = train_loop({"gates": gates}, list(gates.parameters()), step_fn, cfg)
+    return gates.eval(), result
+
+
+@torch.no_grad()
+def exit_report(model: Any, gates_file: str | Path, batches: Callable[[int], Batch], steps: int) -> dict[str, Any]:
+    """Exit layers the trained gates choose on held-out batches, and how often the exited model's
+    greedy answer agrees with the full model's."""
+    exits, agree = [], []
+    for step in range(steps):
+        inputs, answer_len = batches(step)
+        t = int(answer_len.max())
+        full = model(**inputs).logits[:, -t - 1 : -1].argmax(-1)
+        with vlmprune.apply(model, "dyvte", gates=str(gates_file)) as h:
+            out = model(**inputs).logits[:, -t - 1 : -1].argmax(-1)
+            exits += h.stats.last.exit_layers
+        labels = answer_labels(inputs["input_ids"], answer_len)
+        ok = ((full == out) | (labels < 0)).all(dim=1)
+        agree += ok.tolist()
+    counts = {int(k): int(v) for k, v in zip(*np.unique(exits, return_counts=True))}
+    return {"mean_exit_layer": float(np.mean(exits)), "exit_layer_counts": counts,
+            "agreement_with_full": float(np.mean(agree)), "samples": len(exits)}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="vlmprune train-gates", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--model", default="builtin", help="'builtin' or a local checkpoint directory")
+    p.add_argument("--data", default="builtin", help="'builtin' or a JSON-lines file (see the module docstring)")
+    p.add_argument("--output", required=True, help="directory for gates.safetensors, its JSON recipe and the resume state")
+    p.add_argument("--steps", type=int, default=300)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--lr", type=float, default=1e-3, help="the reference uses 6e-5 for 7B/13B models at batch 128")
+    p.add_argument("--width", type=int, default=2048, help="router hidden width (the reference: 2048)")
+    p.add_argument("--minutes", type=float, default=None, help="stop after this many minutes")
+    p.add_argument("--eval-batches", type=int, default=8, help="held-out batches for the exit report")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-resume", action="store_true", help="start afresh even if a resume state exists")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.steps < 1 or args.batch_size < 1 or args.width < 1:
+        raise SystemExit("vlmprune train-gates: --steps, --batch-size and --width must be positive")
+    began = time.time()
+    model, processor = load_model(args.model, args.device)
+    if args.data == "builtin":
+        batches = builtin_batches(processor, args.batch_size, args.seed)
+        held_out = builtin_batches(processor, args.batch_size, args.seed + 1, split="val")
+    else:
+        batches = jsonl_batches(processor, args.data, args.batch_size, args.seed)
+        held_out = batches
+    gates, result = train_gates(model, batches, args)
+    recipe = dict(vars(args))
+    info = {"recipe": recipe, "steps": result["steps"], "train_minutes": round(result["minutes"], 2),
+            "last": result["history"][-1:]}
+    path = save_gates(gates, args.output, extra=info)
+    report = exit_report(model, path, held_out, args.eval_batches)
+    info["held_out"] = report
+    save_gates(gates, args.output, extra=info)
+    print(json.dumps({"gates": str(path), "minutes": round((time.time() - began) / 60, 2), **report}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
