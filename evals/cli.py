@@ -46,12 +46,10 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _tasks(text: str) -> list[str]:
+    """Built-in task names, or lmms-eval task names / aliases (checked once lmms-eval is loaded)."""
     names = [t.strip() for t in text.split(",") if t.strip()]
-    bad = [t for t in names if t not in harness.TASKS]
-    if not names or bad:
-        raise argparse.ArgumentTypeError(
-            f"unknown task {', '.join(map(repr, bad)) or repr(text)}; built-in tasks: {', '.join(harness.TASKS)}"
-        )
+    if not names:
+        raise argparse.ArgumentTypeError(f"no task given; built-in tasks: {', '.join(harness.TASKS)}")
     return list(dict.fromkeys(names))
 
 
@@ -112,7 +110,8 @@ def build_parser(prog: str = "vlmprune-eval") -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--task", type=_tasks, default=list(harness.BUILTIN_TASKS),
-                   help=f"comma list of tasks (default: all: {','.join(harness.BUILTIN_TASKS)})")
+                   help=f"comma list of tasks (default: all built-in: {','.join(harness.BUILTIN_TASKS)}); any other "
+                   "name is an lmms-eval task (e.g. mmbench, vlmprune_builtin_image_mc), run through lmms-eval's evaluator")
     p.add_argument("--model", default=None,
                    help="checkpoint directory (default: the shipped built-in model); see below")
     p.add_argument("--method", type=_methods, default=list(harness.DEFAULT_METHODS),
@@ -151,6 +150,15 @@ def _fail(prog: str, message: str, code: int = 2) -> int:
 
 def main(argv: list[str] | None = None, prog: str = "vlmprune-eval") -> int:
     args = build_parser(prog).parse_args(argv)
+    builtin_tasks = [t for t in args.task if t in harness.TASKS]
+    lmms_tasks = [t for t in args.task if t not in harness.TASKS]
+    if lmms_tasks:
+        from . import lmms_runner
+
+        try:
+            lmms_runner.resolve_tasks(lmms_tasks)
+        except (ValueError, lmms_runner.LmmsUnavailable) as exc:
+            return _fail(prog, f"{exc} (built-in tasks: {', '.join(harness.TASKS)})")
     import torch
 
     torch.set_num_threads(args.threads)
@@ -173,13 +181,21 @@ def main(argv: list[str] | None = None, prog: str = "vlmprune-eval") -> int:
     if gates is not None and not Path(gates).exists():
         return _fail(prog, f"--gates {gates}: no such file or directory (train gates with `vlmprune train-gates`)")
     began = time.perf_counter()
+    rows = []
     try:
-        rows = harness.run_eval(
-            em, args.task, args.method, args.ratio, limit=args.limit, batch_size=args.batch_size,
-            seed=args.seed, positions=args.positions, data_dir=args.data_dir, exit_layers=exit_layers, gates=gates,
-            progress=False if args.no_progress else None,
-        )
-    except (ValueError, OSError) as exc:  # unreadable video cache, unsupported model, ...
+        if builtin_tasks:
+            rows += harness.run_eval(
+                em, builtin_tasks, args.method, args.ratio, limit=args.limit, batch_size=args.batch_size,
+                seed=args.seed, positions=args.positions, data_dir=args.data_dir, exit_layers=exit_layers, gates=gates,
+                progress=False if args.no_progress else None,
+            )
+        if lmms_tasks:
+            cells = harness.grid(args.method, args.ratio, exit_layers, gates)
+            rows += lmms_runner.run_lmms(
+                em, lmms_tasks, cells, limit=args.limit, batch_size=args.batch_size, seed=args.seed,
+                positions=args.positions, progress=False if args.no_progress else None,
+            )
+    except (ValueError, OSError, RuntimeError) as exc:  # unreadable video cache, unsupported model, lmms-eval, ...
         return _fail(prog, str(exc).splitlines()[0] if str(exc) else type(exc).__name__, 1)
     elapsed = time.perf_counter() - began
     harness.print_tables(rows)

@@ -438,6 +438,7 @@ class _Cell:
     visual: list[int] = field(default_factory=list)
     visual_in: list[int] = field(default_factory=list)
     llm: list[int] = field(default_factory=list)
+    llm_raw: list[Any] = field(default_factory=list)  # per sample: a length, or one per decoder layer
     generated: list[int] = field(default_factory=list)
     seconds: float = 0.0
     positions: str | None = None  # what the seam actually used (the model's default unless asked)
@@ -478,6 +479,7 @@ def _account(cell: _Cell, em: EvalModel, inputs: dict[str, Tensor], records: lis
     cell.visual += [int(v) for v in visual]
     cell.visual_in += [int(v) for v in visual_in]
     cell.llm += [float(np.mean(n)) if isinstance(n, tuple) else int(n) for n in llm]
+    cell.llm_raw += [n if isinstance(n, tuple) else int(n) for n in llm]
     cell.generated += list(result.generated_tokens)
 
 
