@@ -9,6 +9,7 @@ where. Methods use these answers through the seams in ``vlmprune``.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
@@ -16,6 +17,40 @@ from torch import Tensor, nn
 
 from vlmprune import context
 from vlmprune.methods.base import VisualGroup
+
+
+@dataclass
+class MergeBlock:
+    """The parts of one pre-norm ViT block that token merging (DyMU) runs by hand, in order:
+    ``x + attn(norm1(x))``, merge, ``x + mlp(norm2(x))``; ``key_proj`` gives the merging metric."""
+
+    layer: nn.Module
+    norm1: nn.Module
+    attn: nn.Module
+    key_proj: nn.Module
+    norm2: nn.Module
+    mlp: nn.Module
+    heads: int
+
+
+@dataclass
+class MergeLayout:
+    """Where a vision tower's blocks are, whether index 0 is a protected [CLS], the last block whose
+    output the model reads (later blocks can be skipped), and the projector fed from it."""
+
+    blocks: list[MergeBlock]
+    has_cls: bool
+    feature_block: int
+    projector: nn.Module
+
+
+@dataclass
+class PostMergeLayout:
+    """Token merging on the tokens the vision tower emits (after a patch merger that needs whole 2x2
+    groups, e.g. Qwen2-VL): ``rounds`` bipartite rounds per image, no [CLS]."""
+
+    rounds: int
+    merge_size: int
 
 
 class Adapter:
@@ -115,6 +150,31 @@ class Adapter:
     def install_scoring(self, hooks: Any, kind: str, handle: Any) -> None:
         """Capture what the [CLS] score needs during the vision tower's forward."""
         raise TypeError(f"{type(self).__name__} must implement install_scoring()")
+
+    def merge_layout(self) -> MergeLayout:
+        """The vision blocks token merging (DyMU) runs inside; families without support say why."""
+        why = {
+            "internvl": "merging inside InternViT breaks the 2x2 pixel shuffle, and post-shuffle merging is not implemented",
+        }.get(self.family, "")
+        raise ValueError(
+            f"vlmprune: DyMU token merging is not supported for {self.family or type(self).__name__} models"
+            + (f" ({why})" if why else "")
+            + "; supported: the LLaVA family with a CLIP or SigLIP tower (LLaVA-1.5, LLaVA-NeXT, LLaVA-OneVision images) "
+            "and Qwen2-VL / Qwen2.5-VL images (merging after the ViT)"
+        )
+
+    def decoder_attention(self, index: int) -> nn.Module:
+        """The self-attention module of decoder layer ``index`` (for in-attention methods such as VTU)."""
+        return self.decoder_layers[index].self_attn
+
+    def llm_rope(self, attn: nn.Module) -> Any:
+        """``fn(q, k, cos, sin) -> (q, k)``: the rotary embedding the decoder's attention applies."""
+        import sys
+
+        fn = getattr(sys.modules[type(attn).__module__], "apply_rotary_pos_emb", None)
+        if fn is None:
+            raise ValueError(f"vlmprune: cannot find the rotary embedding of {type(attn).__name__}")
+        return fn
 
 
 def capture_projections(hooks: Any, attn: nn.Module, handle: Any, key: str, cls_only: bool) -> None:

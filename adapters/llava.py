@@ -11,7 +11,7 @@ from vlmprune import context
 from vlmprune.methods.base import VisualGroup
 from vlmprune.methods.scoring import cls_attention_scores, mean_received_attention
 
-from .base import Adapter, capture_projections
+from .base import Adapter, MergeBlock, MergeLayout, capture_projections
 
 
 def encoder_layers(tower: nn.Module) -> nn.ModuleList:
@@ -39,6 +39,26 @@ def feature_layer_index(feature_layer: int | list[int], num_layers: int) -> int:
     if not 0 <= idx < num_layers:
         raise ValueError(f"vlmprune: vision feature layer {layer} has no attention block to score with")
     return idx
+
+
+def clip_merge_layout(adapter: Any) -> MergeLayout:
+    """CLIP / SigLIP blocks (pre-norm: layer_norm1, self_attn, layer_norm2, mlp) for token merging, the
+    block feeding the feature layer, and the LLaVA-family projector."""
+    layer_sel = adapter.config.vision_feature_layer
+    if isinstance(layer_sel, (list, tuple)):
+        raise ValueError(
+            "vlmprune: DyMU needs a single vision_feature_layer (merged layers have different token sets); "
+            f"this model concatenates layers {list(layer_sel)}"
+        )
+    layers = encoder_layers(adapter.vision_tower)
+    vc = adapter.config.vision_config
+    blocks = [
+        MergeBlock(layer, layer.layer_norm1, layer.self_attn, layer.self_attn.k_proj, layer.layer_norm2,
+                   layer.mlp, int(vc.num_attention_heads))
+        for layer in layers
+    ]
+    return MergeLayout(blocks, tower_has_cls(vc), feature_layer_index(layer_sel, len(layers)),
+                       adapter.inner.multi_modal_projector)
 
 
 class ClipScoringMixin:
@@ -115,3 +135,6 @@ class LlavaAdapter(ClipScoringMixin, Adapter):
             s = score[i, score.shape[1] - n :] if score is not None else None
             groups.append(VisualGroup(sample=sample, columns=cols[extra:], grid=grid, scores=s))
         return groups
+
+    def merge_layout(self) -> MergeLayout:
+        return clip_merge_layout(self)

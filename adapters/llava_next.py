@@ -38,6 +38,12 @@ class LlavaNextAdapter(ClipScoringMixin, Adapter):
     family = "llava_next"
     model_classes = ("LlavaNextForConditionalGeneration",)
 
+    def merge_layout(self) -> Any:
+        """Token merging (DyMU) runs in the CLIP / SigLIP blocks, every crop on its own (batched)."""
+        from .llava import clip_merge_layout
+
+        return clip_merge_layout(self)
+
     # -- geometry ---------------------------------------------------------------------------------
     def _modeling(self) -> Any:
         """The transformers module that defines this model, for its own AnyRes helpers."""

@@ -128,6 +128,13 @@ class Qwen2VLAdapter(Adapter):
         """Qwen2.5-VL's ViT runs in window order and un-permutes the merger output."""
         return hasattr(self.vision_tower, "fullatt_block_indexes")
 
+    def merge_layout(self) -> Any:
+        """DyMU on the merger's output tokens (spec option 1): merging inside the ViT would break its 2-D
+        RoPE and the 2x2 PatchMerger, so the ViT runs in full and 3 rounds merge its output per image."""
+        from .base import PostMergeLayout
+
+        return PostMergeLayout(rounds=3, merge_size=self.merge_size)
+
     def scoring_attention(self) -> nn.Module:
         """The attention module of the last vision block (the fallback's layer)."""
         return self.vision_tower.blocks[-1].attn

@@ -43,11 +43,13 @@ from typing import Any
 __all__ = [
     "FlopsReport",
     "SUPPORTED_MODEL_TYPES",
+    "cross_attention_flops",
     "decode_flops",
     "estimate",
     "fastv_flops",
     "llm_flops",
     "vision_flops",
+    "vit_flops_at_lengths",
 ]
 
 #: model_type of the supported VLM configs -> the transformers class that uses it.
@@ -377,6 +379,18 @@ def decode_flops(text_config: Any, context_len: int | Sequence[int], new_tokens:
     )
 
 
+def cross_attention_flops(text_config: Any, query_tokens: int, slow_tokens: int, layers: int = 1) -> float:
+    """FLOPs of the slow-fast hybrid layers' cross-attention for one sample: per hybrid layer the
+    slow tokens' KV projection (2·S·d·2·kv·hd) and the two attention products over ``query_tokens``
+    queries and S slow keys (2·2·q·S·h·hd). Linear in the number of slow tokens S; the small gate
+    projection is reported by the method as overhead apart from this figure."""
+    tc = _text_config(text_config)
+    d, h, kv, hd, _, _, _ = _text_dims(tc)
+    s, q = int(slow_tokens), int(query_tokens)
+    per_layer = 2 * s * d * 2 * kv * hd + 2 * 2 * q * s * h * hd
+    return float(layers * per_layer)
+
+
 def fastv_flops(text_config: Any, tokens_per_layer: int | Sequence[int]) -> float:
     """FastV Eq. 5 LLM prefill FLOPs, sum over layers of 4nd² + 2n²d + 2ndm (``tokens_per_layer``: one int,
     or one count per layer so a method pruning after layer K gives K·f(n) + (T−K)·f(n′)). Reported beside
@@ -424,3 +438,26 @@ def estimate(
         overhead=float(overhead),
         llm_fastv=batch_size * fastv_flops(tc, ns),
     )
+
+
+def vit_flops_at_lengths(
+    model_config: Any, rows: int, block_lengths: Sequence[tuple[int, int]], projector_tokens: int, num_blocks: int
+) -> tuple[float, float]:
+    """(encoder, projector) FLOPs of a LLaVA-family CLIP / SigLIP tower whose blocks change the sequence
+    length (token merging), for ``rows`` images run as one padded batch. ``block_lengths[i]`` is the
+    (padded) length block ``i`` attended over and the length its MLP ran at; blocks beyond the list were
+    skipped. ``projector_tokens``: rows × length the projector received. Same convention as the rest:
+    projections and MLP linear in n, the two attention products 2·n²·d each, the patch convolution."""
+    cfg = _model_config(model_config)
+    vc = cfg.vision_config
+    d, inter = int(vc.hidden_size), int(vc.intermediate_size)
+    ph, pw = _pair(vc.patch_size)
+    side_h, side_w = _pair(vc.image_size)
+    n_patches = (side_h // ph) * (side_w // pw)
+    channels = int(getattr(vc, "num_channels", 3))
+    enc = 2 * n_patches * channels * ph * pw * d
+    for n_in, n_out in list(block_lengths)[:num_blocks]:
+        enc += 2 * n_in * 4 * d * d + 4 * n_in * n_in * d + 4 * n_out * d * inter
+    d_text = int(cfg.text_config.hidden_size)
+    proj = 2 * int(projector_tokens) * (d * d_text + d_text * d_text)
+    return float(rows * enc), float(proj)

@@ -20,7 +20,7 @@ from torch import Tensor
 from . import context
 from .methods.base import PreLLMMethod, Reduction, VisualGroup
 from .scope import install_scope
-from .sequence import decode_positions, default_positions, gather_columns, prune_sequence
+from .sequence import PrunedSequence, decode_positions, default_positions, gather_columns, prune_sequence
 from .stats import ForwardRecord
 
 
@@ -133,20 +133,12 @@ class PreLLMSeam:
                 f"{type(mask).__name__} mask. Static / compiled caches are not supported with pruning."
             )
         bsz, length = embeds.shape[:2]
-        groups = self.adapter.visual_groups(ctx, visual, self.method.needs_scores)
-        reductions = []
-        per_sample_index: dict[int, int] = {}
-        seed = getattr(self.method.config, "seed", 0)
-        for group in groups:
-            i = per_sample_index.get(group.sample, 0)
-            per_sample_index[group.sample] = i + 1
-            gen = torch.Generator().manual_seed(seed * 1_000_003 + i)  # batch-invariant draws
-            reductions.append(self.method.reduce(group, gen))
-        keep, new_embeds = apply_reductions(embeds, groups, reductions)
+        keep, new_embeds = self._reduce(ctx, embeds, visual)
         pos = kwargs.get("position_ids")
         if pos is None:
             pos = default_positions(mask, bsz, length, 0, embeds.device)
         pruned = prune_sequence(new_embeds, keep, mask, pos, positions=self.positions)
+        pruned = self._adjust(ctx, pruned, visual)
         kwargs = dict(kwargs)
         kwargs["inputs_embeds"] = pruned.inputs_embeds
         kwargs["attention_mask"] = pruned.attention_mask
@@ -188,6 +180,25 @@ class PreLLMSeam:
             )
         )
         return kwargs
+
+    def _reduce(self, ctx: Any, embeds: Tensor, visual: Tensor) -> tuple[Tensor, Tensor]:
+        """The keep mask over columns and the (possibly averaged) embeddings: one decision per
+        visual group. Seams whose reductions span several groups (video frames) override this."""
+        groups = self.adapter.visual_groups(ctx, visual, self.method.needs_scores)
+        reductions = []
+        per_sample_index: dict[int, int] = {}
+        seed = getattr(self.method.config, "seed", 0)
+        for group in groups:
+            i = per_sample_index.get(group.sample, 0)
+            per_sample_index[group.sample] = i + 1
+            gen = torch.Generator().manual_seed(seed * 1_000_003 + i)  # batch-invariant draws
+            reductions.append(self.method.reduce(group, gen))
+        return apply_reductions(embeds, groups, reductions)
+
+    def _adjust(self, ctx: Any, pruned: PrunedSequence, visual: Tensor) -> PrunedSequence:
+        """Hook for seams that renumber the kept tokens (e.g. M-RoPE positions of a pooled video
+        grid); the default keeps what :func:`prune_sequence` computed."""
+        return pruned
 
     def _continue(self, kwargs: dict, embeds: Tensor, state: DecodeState) -> dict:
         n = embeds.shape[1]

@@ -1,0 +1,486 @@
+"""Slow-Fast video tokens (Shi et al., arXiv 2504.01328; SF-LLaVA, Xu et al., arXiv 2407.15841),
+see ``shared/methods/slowfast.md``.
+
+Three modes, one config:
+
+* ``mode="pooling"`` (training-free SlowFast-LLaVA, spec §7): each video's tokens become a slow
+  block (``slow_frames`` frames, pooled by ``slow_stride``) followed by a fast block (every frame,
+  pooled by ``fast_stride``), in place of the video tokens. Images pass through unchanged.
+* ``mode="fast"``: only the fast tokens of the trained method (spec §3: strides ``s, t, p``)
+  replace the video tokens; the "fast-only" model the hybrid starts from.
+* ``mode="hybrid"`` (spec §5): the fast tokens replace the video tokens, and the chosen decoder
+  layers add a gated cross-attention from the text to the slow tokens (every frame, unpooled but
+  for ``video_pooling_stride``), which never enter the sequence or the KV cache. With a fresh
+  (untrained) adapter the warm-up gate is 0 and the model equals ``mode="fast"`` bit for bit.
+
+Where the frames are: video frames the adapter reports (LLaVA-OneVision ``pixel_values_videos``,
+Qwen2-VL ``pixel_values_videos``), or, with ``mosaic=m``, images that tile ``m x m`` frames
+row-major (the built-in benchmark's layout: ``mosaic=2``, 8 frames as two 224 px images). All the
+frames of one sample form one video. The method only reads ``VisualGroup.kind`` and the grids; it
+knows no model class.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import weakref
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor
+
+from .base import Method, MethodConfig, Stage, check_choice
+from .video_pool import fast_pathway, slowfast_llava, spatial_pool
+
+MODES = ("pooling", "hybrid", "fast")
+LORA_TARGETS = ("q_proj", "v_proj")
+IMPLS = ("vanilla", "text-only-vanilla", "text-only-vanilla-masksystem")
+
+
+def _positive(name: str, value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+
+
+def _stride(name: str, value: object) -> tuple[int, int]:
+    if isinstance(value, int) and not isinstance(value, bool):
+        value = (value, value)
+    if not isinstance(value, (tuple, list)) or len(value) != 2:
+        raise ValueError(f"{name} must be an int or a (rows, cols) pair, got {value!r}")
+    for v in value:
+        _positive(name, v)
+    return int(value[0]), int(value[1])
+
+
+@dataclass(frozen=True)
+class SlowFastConfig(MethodConfig):
+    """Options (see the module docstring for the modes).
+
+    Fast pathway (``fast`` / ``hybrid``): ``s`` temporal sampling stride, ``t`` temporal pooling
+    stride, ``p`` spatial stride, ``min_fast_frames`` (spec §3); ``video_pooling_stride``: the
+    initial per-frame spatial pooling both pathways start from (spec §2).
+    Hybrid layers: ``layers`` (explicit indices) or ``range(min_layer, max_layer, every_n_layers)``
+    (``max_layer=None``: all layers); ``cross_attn_impl``; ``init_kv_from_lm`` (kv_proj starts as
+    the layer's own [k_proj; v_proj]); ``cross_attn_during_decode`` (False: generated tokens get
+    no cross-attention, the reference's behaviour); ``adapter``: a trained adapter file or
+    directory (``vlmprune train-slowfast``), whose layers and impl win over the options here.
+    Pooling (``pooling``): ``slow_frames``, ``slow_stride``, ``fast_frames`` (None: all) and
+    ``fast_stride``. Layout: ``mosaic`` (0: the model's own video input; m: images are m x m
+    frame mosaics) and ``mosaic_min_images`` (samples with fewer images are images, not videos).
+    ``lora_rank`` > 0 adds fresh (zero, so output-preserving) LoRA deltas on the LLM's q/v
+    projections, for training; a trained adapter brings its own.
+    """
+
+    method: ClassVar[str] = "slowfast"
+    stage: ClassVar[Stage] = Stage.PRE_LLM  # fast tokens; the hybrid layers also act inside the LLM
+    mode: str = "hybrid"
+    s: int = 1
+    t: int = 4
+    p: int = 2
+    min_fast_frames: int = 1
+    video_pooling_stride: int = 1
+    layers: tuple[int, ...] | None = None
+    min_layer: int = 0
+    max_layer: int | None = None
+    every_n_layers: int = 2
+    cross_attn_impl: str = "text-only-vanilla"
+    init_kv_from_lm: bool = True
+    cross_attn_during_decode: bool = False
+    adapter: str | None = None
+    slow_frames: int = 10
+    slow_stride: int | tuple[int, int] = (2, 1)
+    fast_frames: int | None = None
+    fast_stride: int | tuple[int, int] = 6
+    mosaic: int = 0
+    mosaic_min_images: int = 2
+    lora_rank: int = 0
+    lora_alpha: float = 16.0
+
+    def validate(self) -> None:
+        check_choice("mode", self.mode, MODES)
+        check_choice("cross_attn_impl", self.cross_attn_impl, IMPLS)
+        for name in ("s", "t", "p", "min_fast_frames", "video_pooling_stride", "every_n_layers", "slow_frames",
+                     "mosaic_min_images"):
+            _positive(name, getattr(self, name))
+        if self.fast_frames is not None:
+            _positive("fast_frames", self.fast_frames)
+        _stride("slow_stride", self.slow_stride)
+        _stride("fast_stride", self.fast_stride)
+        if isinstance(self.mosaic, bool) or not isinstance(self.mosaic, int) or self.mosaic < 0:
+            raise ValueError(f"mosaic must be 0 (native video input) or the frames per mosaic side, got {self.mosaic!r}")
+        if self.layers is not None and (
+            not isinstance(self.layers, (tuple, list)) or any(isinstance(i, bool) or not isinstance(i, int) or i < 0 for i in self.layers)
+        ):
+            raise ValueError(f"layers must be a tuple of decoder layer indices, got {self.layers!r}")
+        if self.min_layer < 0 or (self.max_layer is not None and self.max_layer < self.min_layer):
+            raise ValueError(f"need 0 <= min_layer <= max_layer, got {self.min_layer}, {self.max_layer}")
+        if self.mode != "hybrid" and (self.adapter is not None or self.cross_attn_during_decode or self.lora_rank):
+            raise ValueError("adapter=, cross_attn_during_decode= and lora_rank= only apply to mode='hybrid'")
+        if isinstance(self.lora_rank, bool) or not isinstance(self.lora_rank, int) or self.lora_rank < 0:
+            raise ValueError(f"lora_rank must be a non-negative integer, got {self.lora_rank!r}")
+
+    def hybrid_layers(self, num_layers: int) -> list[int]:
+        if self.layers is not None:
+            return sorted(set(int(i) for i in self.layers))
+        top = num_layers if self.max_layer is None else min(self.max_layer, num_layers)
+        return list(range(self.min_layer, top, self.every_n_layers))
+
+
+@dataclass
+class Video:
+    """One sample's video as the method sees it: per frame, the sequence columns of its grid."""
+
+    sample: int
+    columns: Tensor  # (T, h * w) long, frame-major, row-major within a frame
+    grid: tuple[int, int]
+
+
+def mosaic_frames(columns: Tensor, grid: tuple[int, int], m: int) -> list[Tensor]:
+    """Split one image's row-major grid columns into ``m x m`` frames (row-major tiles)."""
+    h, w = grid
+    if h % m or w % m:
+        raise ValueError(f"mosaic={m} does not divide the image grid {grid}; each frame must be a whole tile")
+    g = columns.view(h, w)
+    fh, fw = h // m, w // m
+    return [g[r * fh : (r + 1) * fh, c * fw : (c + 1) * fw].reshape(-1) for r in range(m) for c in range(m)]
+
+
+def find_videos(groups: list[Any], mosaic: int, min_images: int) -> list[Video]:
+    """Videos of a call from the adapter's groups: frame groups (``kind`` "frame" / "video"), or,
+    with ``mosaic``, the images of samples holding at least ``min_images`` of them."""
+    per_sample: dict[int, list[tuple[Tensor, tuple[int, int]]]] = {}
+    if mosaic:
+        images: dict[int, list[Any]] = {}
+        for g in groups:
+            if g.kind == "image":
+                images.setdefault(g.sample, []).append(g)
+        for sample, imgs in images.items():
+            if len(imgs) < min_images:
+                continue
+            for g in imgs:
+                if bool((g.columns < 0).any()):
+                    raise ValueError("vlmprune: slowfast mosaic frames need every grid token in the sequence")
+                grid = (g.grid[0] // mosaic, g.grid[1] // mosaic)
+                per_sample.setdefault(sample, []).extend((f, grid) for f in mosaic_frames(g.columns, g.grid, mosaic))
+    else:
+        for g in groups:
+            if g.kind in ("frame", "video"):
+                if bool((g.columns < 0).any()):
+                    raise ValueError("vlmprune: slowfast needs every token of a video frame in the sequence")
+                per_sample.setdefault(g.sample, []).append((g.columns, tuple(g.grid)))
+    videos = []
+    for sample, frames in sorted(per_sample.items()):
+        grids = {grid for _, grid in frames}
+        if len(grids) != 1:
+            raise ValueError(f"vlmprune: the frames of sample {sample} have different grids {sorted(grids)}")
+        videos.append(Video(sample, torch.stack([c for c, _ in frames]), grids.pop()))
+    return videos
+
+
+class SlowFast(Method):
+    """Installs the slow-fast seam (and, in hybrid mode, the hybrid layers) on one model."""
+
+    needs_scores: ClassVar[str | None] = None
+
+    def __init__(self, config: SlowFastConfig, adapter: Any) -> None:
+        super().__init__(config, adapter)
+        self.hybrid: Any = None
+        self.lora: Any = None
+        self.saved: dict[str, Any] = {}
+        if config.mode == "hybrid":
+            self._build_hybrid(config, adapter)
+
+    def _build_hybrid(self, config: SlowFastConfig, adapter: Any) -> None:
+        from vlmprune.hybrid_layers import HybridAdapter, LoRA, load_adapter
+
+        layers = adapter.decoder_layers
+        param = next(adapter.decoder.parameters())
+        if config.adapter is not None:
+            hybrid, lora, extra = load_adapter(config.adapter)
+            fresh = HybridAdapter.for_decoder(layers, adapter.text_config, hybrid.layer_indices, hybrid.impl)
+            fresh.check(hybrid, str(config.adapter))
+            self.saved = extra
+            if lora:
+                self.lora = LoRA.from_deltas(lora, float(extra.get("lora_alpha", 16.0))).to(param.device)
+        else:
+            hybrid = HybridAdapter.for_decoder(layers, adapter.text_config, config.hybrid_layers(len(layers)),
+                                               config.cross_attn_impl)
+            if config.init_kv_from_lm:
+                hybrid.init_kv_from_lm(layers)
+            if config.lora_rank:
+                prefix = next(n + "." for n, m in adapter.model.named_modules() if m is adapter.decoder)
+                self.lora = LoRA.for_model(adapter.decoder, LORA_TARGETS, config.lora_rank, config.lora_alpha,
+                                           prefix=prefix).to(param.device)
+        self.hybrid = hybrid.to(param.device).eval()
+
+    def install(self, hooks: Any, handle: Any) -> None:
+        seam = SlowFastSeam(self.adapter, self, handle)
+        seam.install(hooks)
+        if self.lora is not None:  # first, so the hybrid layers see the adapted q projection
+            self.lora.install(hooks, self.adapter.model)
+        if self.hybrid is not None:
+            from vlmprune.hybrid_layers import install_hybrid_layers
+
+            install_hybrid_layers(hooks, self.adapter.decoder_layers, self.hybrid, seam.current_state)
+
+    @property
+    def label(self) -> str:
+        return f"slowfast-{self.config.mode}"
+
+    def fast_options(self) -> dict[str, int]:
+        """s, t, p, min_fast_frames in use (a trained adapter's recipe wins over the config)."""
+        c = self.config
+        base = {"s": c.s, "t": c.t, "p": c.p, "min_fast_frames": c.min_fast_frames,
+                "video_pooling_stride": c.video_pooling_stride}
+        for k in base:
+            if k in self.saved.get("fast", {}):
+                base[k] = int(self.saved["fast"][k])
+        return base
+
+
+# -- the seam ------------------------------------------------------------------------------------
+
+_LAYOUT = "slowfast.layout"
+_SLOW = "slowfast.slow"
+_STATE = "slowfast.state"
+_POS = "slowfast.positions"
+
+
+def _check_divides(name: str, stride: tuple[int, int], grid: tuple[int, int]) -> None:
+    if grid[0] % stride[0] or grid[1] % stride[1]:
+        raise ValueError(
+            f"vlmprune slowfast: {name}={stride} does not divide the frame grid {grid}; choose a stride that "
+            "divides it (pooling would silently drop the last rows / columns)"
+        )
+
+
+def _pre_llm_seam() -> type:
+    from vlmprune.pre_llm import PreLLMSeam
+
+    return PreLLMSeam
+
+
+class SlowFastSeam(_pre_llm_seam()):  # type: ignore[misc]
+    """The pre-LLM seam with a reduction over whole videos (several frame groups at once): the
+    pooled tokens are written into the first video columns of their sample and the other video
+    columns are dropped, so they sit as one contiguous run where the video was."""
+
+    def __init__(self, adapter: Any, method: SlowFast, handle: Any) -> None:
+        super().__init__(adapter, method, handle)
+        self._decode_states: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+    # per-call state for the hybrid hooks
+    def current_state(self) -> Any:
+        from vlmprune import context
+
+        ctx = context.current(self.handle)
+        if ctx is None or ctx.owner is not self.handle:
+            return None
+        found = ctx.captured.get(_STATE)
+        return found[-1] if found else None
+
+    def _reduce(self, ctx: Any, embeds: Tensor, visual: Tensor) -> tuple[Tensor, Tensor]:
+        cfg: SlowFastConfig = self.method.config
+        opts = self.method.fast_options()
+        groups = self.adapter.visual_groups(ctx, visual, None)
+        videos = find_videos(groups, cfg.mosaic, cfg.mosaic_min_images)
+        keep = torch.ones(embeds.shape[:2], dtype=torch.bool, device=embeds.device)
+        out = embeds.clone() if videos else embeds
+        slow: dict[int, Tensor] = {}
+        layout = []
+        for v in videos:
+            cols = v.columns.to(embeds.device)
+            frames, (h, w) = cols.shape[0], v.grid
+            feats = embeds[v.sample, cols.reshape(-1)].view(frames, h, w, -1)
+            vps = opts["video_pooling_stride"]
+            if frames > 1 and vps > 1:
+                _check_divides("video_pooling_stride", (vps, vps), (h, w))
+                feats = spatial_pool(feats, vps)
+            fh, fw = feats.shape[1:3]
+            if cfg.mode == "pooling":
+                _check_divides("slow_stride", _stride("slow_stride", cfg.slow_stride), (fh, fw))
+                _check_divides("fast_stride", _stride("fast_stride", cfg.fast_stride), (fh, fw))
+                sl, fa = slowfast_llava(feats, cfg.slow_frames, _stride("", cfg.slow_stride), cfg.fast_frames,
+                                        _stride("", cfg.fast_stride))
+                blocks = [tuple(sl.shape[:3]), tuple(fa.shape[:3])]
+                tokens = torch.cat([sl.flatten(0, 2), fa.flatten(0, 2)])
+            else:
+                _check_divides("p", (opts["p"], opts["p"]), (fh, fw))
+                fa = fast_pathway(feats, opts["s"], opts["t"], opts["p"], opts["min_fast_frames"])
+                blocks = [tuple(fa.shape[:3])]
+                tokens = fa.flatten(0, 2)
+                slow[v.sample] = feats.flatten(0, 2)  # [T * n_f, D], frame-major (spec §2)
+            video_cols = cols.reshape(-1).sort().values
+            k = tokens.shape[0]
+            if k > video_cols.numel():
+                raise ValueError(
+                    f"vlmprune slowfast: the pooled video has {k} tokens, more than the {video_cols.numel()} it replaces; "
+                    "use fewer slow frames or larger strides"
+                )
+            keep[v.sample, video_cols[k:]] = False
+            out[v.sample, video_cols[:k]] = tokens.to(embeds.dtype)
+            layout.append((v.sample, video_cols[:k], blocks, cols[:, 0], (h, w)))
+        ctx.captured[_LAYOUT] = [layout]
+        ctx.captured[_SLOW] = [slow]
+        return keep, out
+
+    def _prune(self, module: Any, kwargs: dict, embeds: Tensor, visual: Tensor, ctx: Any, cache_key: str,
+               cache: Any) -> dict:
+        ctx.captured[_POS] = [kwargs.get("position_ids")]
+        mask = kwargs.get("attention_mask")
+        pos = kwargs.get("position_ids")
+        if (self.method.config.mode != "pooling" and isinstance(mask, Tensor) and mask.dim() == 2
+                and not bool(mask.bool().all()) and (pos is None or pos.dim() == 2)):
+            # The cross-attention queries carry RoPE and the slow keys do not, so absolute positions
+            # matter: number each sample's real tokens from 0 whatever its padding, so a padded
+            # sample sees exactly what it sees alone (self-attention, being relative, is unchanged).
+            kwargs = dict(kwargs)
+            kwargs["position_ids"] = (mask.long().cumsum(-1) - 1).clamp(min=0).to(embeds.device)
+        out = super()._prune(module, kwargs, embeds, visual, ctx, cache_key, cache)
+        layout = ctx.captured[_LAYOUT][-1]
+        slow: dict[int, Tensor] = ctx.captured[_SLOW][-1]
+        bsz = embeds.shape[0]
+        fast = [0] * bsz
+        for sample, anchors, *_ in layout:
+            fast[sample] = int(anchors.numel())
+        slow_counts = [int(slow[b].shape[0]) if b in slow else 0 for b in range(bsz)]
+        state = None
+        if self.method.hybrid is not None and slow:
+            state = self._prefill_state(out, ctx, slow, bsz)
+            ctx.captured[_STATE] = [state]
+            cache = out.get(cache_key)
+            if cache is not None and self.method.config.cross_attn_during_decode:
+                self._decode_states[cache] = (state.slow, state.slow_mask)
+        rec = self.handle.stats.last
+        if rec is not None and rec.call == ctx.serial:
+            if self.method.config.mode == "pooling":  # SF-LLaVA: both blocks are LLM input tokens
+                rec.slow_tokens = _pooling_slow_counts(layout, bsz)
+                rec.fast_tokens = [f - s for f, s in zip(fast, rec.slow_tokens)]
+            else:
+                rec.fast_tokens, rec.slow_tokens = fast, slow_counts
+            if state is not None:
+                cross, gate = self._cross_flops(state)
+                rec.cross_attn_flops = cross
+                rec.overhead_flops += cross + gate
+        return out
+
+    def _prefill_state(self, kwargs: dict, ctx: Any, slow: dict[int, Tensor], bsz: int) -> Any:
+        from vlmprune.hybrid_layers import HybridState
+
+        emb = kwargs["inputs_embeds"]
+        n = emb.shape[1]
+        longest = max(v.shape[0] for v in slow.values())
+        slow_t = emb.new_zeros(bsz, longest, emb.shape[-1])
+        slow_mask = torch.zeros(bsz, longest, dtype=torch.bool, device=emb.device)
+        for b, v in slow.items():
+            slow_t[b, : v.shape[0]] = v
+            slow_mask[b, : v.shape[0]] = True
+        mask = kwargs.get("attention_mask")
+        real = mask.bool() if isinstance(mask, Tensor) else torch.ones(bsz, n, dtype=torch.bool, device=emb.device)
+        vis = ctx.visual.to(emb.device)
+        impl = self.method.hybrid.impl
+        query = real.clone()
+        if impl.startswith("text-only"):
+            query &= ~vis
+        if impl.endswith("masksystem"):
+            cols = torch.arange(n, device=emb.device).unsqueeze(0).expand(bsz, n)
+            first = torch.where(vis, cols, torch.full_like(cols, n)).amin(dim=1, keepdim=True)
+            query &= cols > first
+        query &= slow_mask.any(dim=1, keepdim=True)
+        return HybridState(slow_t, slow_mask, query)
+
+    def _cross_flops(self, state: Any) -> tuple[float, float]:
+        from vlmprune.flops import cross_attention_flops
+
+        h = self.method.hybrid
+        layers = len(h.layer_indices)
+        q = state.query.sum(1).tolist()
+        s = state.slow_mask.sum(1).tolist()
+        cross = sum(cross_attention_flops(self.adapter.text_config, qi, si, layers) for qi, si in zip(q, s))
+        gate = sum(2.0 * qi * h.heads * h.head_dim * layers for qi in q)
+        return float(cross), float(gate)
+
+    def _decoder_pre(self, module: Any, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+        from vlmprune import context
+
+        ctx = context.current(self.handle)
+        if ctx is not None and ctx.owner is self.handle:
+            ctx.captured.pop(_STATE, None)
+        result = super()._decoder_pre(module, args, kwargs)
+        if ctx is None or ctx.owner is not self.handle or _STATE in ctx.captured:
+            return result
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        saved = self._decode_states.get(cache) if cache is not None else None
+        embeds = kwargs.get("inputs_embeds")
+        if saved is not None and embeds is not None:
+            self._start_decode(ctx, saved, result[1] if result is not None else kwargs, embeds)
+        return result
+
+    def _start_decode(self, ctx: Any, saved: tuple[Tensor, Tensor], kwargs: dict, embeds: Tensor) -> None:
+        """A decode step on a cache whose prefill had slow tokens (``cross_attn_during_decode``):
+        the new tokens (text) query the same slow tokens; nothing is added to the KV cache."""
+        from vlmprune.hybrid_layers import HybridState
+
+        slow, slow_mask = saved
+        n = embeds.shape[1]
+        mask = kwargs.get("attention_mask")
+        if isinstance(mask, Tensor) and mask.dim() == 2:
+            query = mask[:, -n:].bool().to(embeds.device)
+        else:
+            query = torch.ones(embeds.shape[0], n, dtype=torch.bool, device=embeds.device)
+        query = query & slow_mask.any(dim=1, keepdim=True)
+        state = HybridState(slow, slow_mask, query)
+        ctx.captured[_STATE] = [state]
+        rec = self.handle.stats.last
+        if rec is not None:
+            cross, gate = self._cross_flops(state)
+            rec.cross_attn_flops = (rec.cross_attn_flops or 0.0) + cross
+            rec.overhead_flops += cross + gate
+
+    def _adjust(self, ctx: Any, pruned: Any, visual: Tensor) -> Any:
+        """M-RoPE (Qwen2-VL / 2.5-VL): give the pooled tokens the positions ``get_rope_index`` gives a
+        video of the pooled grid: from the video's start, t' x the video's own time step (read off the
+        original positions), h' and w' on their axes, and the text after the video advanced by
+        max(h', w') instead of max(h, w); each pooled block (SF-LLaVA's slow, then fast) is numbered
+        as one such grid after the other."""
+        pos = pruned.position_ids
+        original = ctx.captured.get(_POS, [None])[-1]
+        layout = ctx.captured.get(_LAYOUT, [[]])[-1]
+        if pos.dim() != 3 or not layout or not isinstance(original, Tensor):
+            return pruned
+        if original.dim() == 3 and original.shape[0] == 4:
+            original = original[1:]
+        pos = pos.clone()
+        cols = pruned.columns
+        real = cols >= 0
+        if pruned.attention_mask is not None:
+            real &= pruned.attention_mask.bool()
+        for sample, anchors, blocks, frame_starts, grid in layout:
+            row = cols[sample]
+            where = torch.full((int(row.max()) + 1,), -1, dtype=torch.long, device=row.device)
+            where[row[row >= 0]] = torch.nonzero(row >= 0).squeeze(1)
+            new_cols = where[anchors.to(row.device)]
+            old = original[:, min(sample, original.shape[1] - 1)]
+            start = int(old[1:, anchors[0]].min())
+            step = int(old[0, frame_starts[1]] - old[0, frame_starts[0]]) if frame_starts.numel() > 1 else 1
+            ids, current = [], start
+            for f, h, w in blocks:
+                tt, hh, ww = torch.meshgrid(torch.arange(f) * step, torch.arange(h), torch.arange(w), indexing="ij")
+                ids.append(torch.stack([tt.reshape(-1), hh.reshape(-1), ww.reshape(-1)]) + current)
+                current += max(h, w)
+            pos[:, sample, new_cols] = torch.cat(ids, dim=1).to(pos)
+            after = (torch.arange(row.numel(), device=row.device) > new_cols[-1]) & real[sample]
+            pos[:, sample, after] += current - (start + max(grid))
+        masked = pos.masked_fill(~real.unsqueeze(0), torch.iinfo(pos.dtype).min)
+        nxt = masked.amax(dim=(0, 2)) + 1
+        nxt = torch.where(real.any(dim=1), nxt, torch.zeros_like(nxt))
+        return dataclasses.replace(pruned, position_ids=pos, next_position=nxt)
+
+
+def _pooling_slow_counts(layout: list, bsz: int) -> list[int]:
+    counts = [0] * bsz
+    for sample, _, blocks, *_ in layout:
+        f, h, w = blocks[0]
+        counts[sample] = int(f * h * w)
+    return counts
