@@ -3,8 +3,11 @@
 from .api import Handle, apply
 from .methods.base import MethodConfig, Stage
 from .methods.baselines import PoolConfig, RandomConfig
+from .methods.dymu import DyMUConfig
 from .methods.dyvte import DyVTEConfig
 from .methods.fastervlm import FasterVLMConfig
+from .methods.flash import FlashConfig
+from .methods.slowfast import SlowFastConfig
 from .registry import available_methods
 
 __version__ = "0.1.0"
@@ -19,4 +22,7 @@ __all__ = [
     "RandomConfig",
     "PoolConfig",
     "DyVTEConfig",
+    "DyMUConfig",
+    "FlashConfig",
+    "SlowFastConfig",
 ]

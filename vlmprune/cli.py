@@ -61,7 +61,43 @@ def build_parser() -> argparse.ArgumentParser:
     g = sub.add_parser("train-gates", add_help=False,
                        help="train DyVTE exit gates on a frozen model (see vlmprune train-gates --help)")
     g.set_defaults(func=_train_gates)
+    sf = sub.add_parser("train-slowfast", add_help=False,
+                        help="train slow-fast hybrid layers on a frozen model (see vlmprune train-slowfast --help)")
+    sf.set_defaults(func=_train_slowfast)
+    c = sub.add_parser("calibrate", add_help=False,
+                       help="calibrate DyMU merge thresholds for a target token count (see vlmprune calibrate dymu --help)")
+    c.set_defaults(func=_calibrate)
+    d = sub.add_parser("train-draft", add_help=False,
+                       help="train a FLASH speculative-decoding draft on a frozen model (see vlmprune train-draft --help)")
+    d.set_defaults(func=_train_draft)
+    bf = sub.add_parser("bench-flash", add_help=False,
+                        help="FLASH decode speed-up over plain greedy generate, interleaved (see vlmprune bench-flash --help)")
+    bf.set_defaults(func=_bench_flash)
     return parser
+
+
+def _train_draft(args: argparse.Namespace, rest: list[str]) -> int:
+    from .training.draft import main as draft_main
+
+    return draft_main(rest)
+
+
+def _bench_flash(args: argparse.Namespace, rest: list[str]) -> int:
+    from .bench_flash import main as bench_flash_main
+
+    return bench_flash_main(rest)
+
+
+def _calibrate(args: argparse.Namespace, rest: list[str]) -> int:
+    from .calibrate import main as calibrate_main
+
+    return calibrate_main(rest)
+
+
+def _train_slowfast(args: argparse.Namespace, rest: list[str]) -> int:
+    from .training.slowfast import main as slowfast_main
+
+    return slowfast_main(rest)
 
 
 def _train_gates(args: argparse.Namespace, rest: list[str]) -> int:
@@ -85,7 +121,7 @@ def _eval(args: argparse.Namespace, rest: list[str]) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, rest = parser.parse_known_args(argv)
-    if args.func in (_eval, _train_builtin, _train_gates):  # the sub-command's own parser takes the rest
+    if args.func in (_eval, _train_builtin, _train_gates, _train_slowfast, _calibrate, _train_draft, _bench_flash):  # the sub-command's own parser takes the rest
         return args.func(args, rest)
     if rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 from .methods.base import Method, MethodConfig
 from .methods.baselines import PoolConfig, RandomConfig, RandomPrune, SpatialPool
+from .methods.dymu import DyMU, DyMUConfig
 from .methods.dyvte import DyVTE, DyVTEConfig
 from .methods.fastervlm import FasterVLM, FasterVLMConfig
+from .methods.flash import Flash, FlashConfig
+from .methods.slowfast import SlowFast, SlowFastConfig
 
 _REGISTRY: dict[str, tuple[type[MethodConfig], type[Method]]] = {}
 
@@ -47,3 +50,6 @@ register(FasterVLMConfig, FasterVLM)
 register(RandomConfig, RandomPrune)
 register(PoolConfig, SpatialPool)
 register(DyVTEConfig, DyVTE)
+register(SlowFastConfig, SlowFast)
+register(FlashConfig, Flash)
+register(DyMUConfig, DyMU)
