@@ -81,6 +81,10 @@ def _ratios(text: str) -> list[float]:
     return list(dict.fromkeys(values))
 
 
+def _split(text: str) -> list[str]:
+    return [x.strip() for x in text.split(",") if x.strip()]
+
+
 def _layers(text: str) -> list[int]:
     try:
         values = [int(x) for x in text.split(",") if x.strip()]
@@ -125,6 +129,11 @@ def build_parser(prog: str = "vlmprune-eval") -> argparse.ArgumentParser:
     p.add_argument("--gates", default=None,
                    help="dyvte: trained gates (a gates.safetensors file or its directory); default: the "
                    "built-in model's shipped gates")
+    p.add_argument("--preset", default=",".join(harness.DYMU_PRESETS),
+                   help="dymu: comma list of threshold presets (default: low,mid,high; built-in model)")
+    p.add_argument("--slowfast-mode", default=",".join(harness.SLOWFAST_CELLS),
+                   help="slowfast: comma list of modes: fast (fast tokens only), pooling (training-free "
+                   "SlowFast), hybrid (trained cross-attention to the slow tokens) (default: all three)")
     p.add_argument("--limit", type=_positive, default=None,
                    help="items per task (default: per-task counts below, sized for a 5-minute run)")
     p.add_argument("--batch-size", type=_positive, default=16, help="items per model call (default: 16)")
@@ -187,10 +196,12 @@ def main(argv: list[str] | None = None, prog: str = "vlmprune-eval") -> int:
             rows += harness.run_eval(
                 em, builtin_tasks, args.method, args.ratio, limit=args.limit, batch_size=args.batch_size,
                 seed=args.seed, positions=args.positions, data_dir=args.data_dir, exit_layers=exit_layers, gates=gates,
+                presets=_split(args.preset), slowfast_modes=_split(args.slowfast_mode),
                 progress=False if args.no_progress else None,
             )
         if lmms_tasks:
-            cells = harness.grid(args.method, args.ratio, exit_layers, gates)
+            cells = harness.grid(args.method, args.ratio, exit_layers, gates, _split(args.preset),
+                                 _split(args.slowfast_mode), harness.slowfast_extra(em))
             rows += lmms_runner.run_lmms(
                 em, lmms_tasks, cells, limit=args.limit, batch_size=args.batch_size, seed=args.seed,
                 positions=args.positions, progress=False if args.no_progress else None,

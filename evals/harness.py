@@ -307,6 +307,7 @@ def token_f1(prediction: Sequence[str], reference: Sequence[str]) -> float:
 class _BuiltinTask:
     name = ""
     metric = "accuracy"
+    video = False  # video-only methods (slow-fast) get no rows on image tasks
 
     def encode(self, em: EvalModel, items: Sequence[Item]) -> dict[str, Tensor]:
         from . import builtin
@@ -356,6 +357,7 @@ class VideoMC(MultipleChoiceTask):
     """The clip's 8 frames tiled into 2 mosaic images (4 frames each), then as image_mc."""
 
     name = "video_mc"
+    video = True
 
     def load(self, limit: int, data_dir: Path) -> list[Item]:
         from . import builtin, data
@@ -373,6 +375,7 @@ class VideoCaption(_BuiltinTask):
 
     name = "video_caption"
     metric = "token_f1"
+    video = True
 
     def load(self, limit: int, data_dir: Path) -> list[Item]:
         from . import builtin, data
@@ -462,6 +465,8 @@ def _account(cell: _Cell, em: EvalModel, inputs: dict[str, Tensor], records: lis
         visual, visual_in = list(rec.visual_out), list(first.visual_in)
         llm = [tuple(t) for t in rec.layer_tokens] if rec.layer_tokens else list(rec.llm_tokens)
         overhead = sum(r.overhead_flops for r in records)
+        call = [r for r in records if r.call == rec.call]
+        vision_run = [r for r in call if r.vision_flops is not None]
     else:
         ids = inputs["input_ids"]
         visual = (ids == em.image_token_id).sum(1).tolist() if em.image_token_id is not None else [0] * len(ids)
@@ -469,6 +474,8 @@ def _account(cell: _Cell, em: EvalModel, inputs: dict[str, Tensor], records: lis
         llm = inputs["attention_mask"].sum(1).tolist() if "attention_mask" in inputs else [ids.shape[1]] * len(ids)
         overhead = 0.0
     enc, proj = flops_mod.vision_flops(em.model, inputs)
+    if records and vision_run:  # DyMU: the encoder ran at its shrinking length
+        enc, proj = vision_run[-1].vision_flops, vision_run[-1].projector_flops or proj
     cell.flops["vision"] += enc
     cell.flops["projector"] += proj
     cell.flops["overhead"] += overhead
@@ -557,6 +564,8 @@ class GridCell:
     def setting(self) -> str:
         if self.ratio is not None:
             return f"{self.ratio:g}"
+        if self.method == "slowfast":
+            return dict(self.options).get("mode", "")
         return ",".join(f"{k}={Path(v).name if k == 'gates' else v}" for k, v in self.options)
 
 
@@ -574,11 +583,26 @@ def _method_options(spec: GridCell, seed: int, positions: str | None) -> dict[st
     return options
 
 
+#: slow-fast cells on the built-in model (8 frames as two 2x2 mosaics of 8x8-patch frames):
+#: fast-only (s1 t4 p2: 32 tokens), training-free SlowFast pooling (1 slow frame at stride 2 +
+#: all 8 frames at stride 8: 24 tokens) and the trained hybrid (the fast tokens + cross-attention)
+SLOWFAST_CELLS: dict[str, dict[str, Any]] = {
+    "fast": {"mode": "fast"},
+    "pooling": {"mode": "pooling", "slow_frames": 1, "slow_stride": 2, "fast_stride": 8},
+    "hybrid": {"mode": "hybrid"},
+}
+DYMU_PRESETS: tuple[str, ...] = ("low", "mid", "high")
+SLOWFAST_ADAPTER_DIR = "slowfast-hybrid"
+
+
 def grid(
-    methods: Sequence[str], ratios: Sequence[float], exit_layers: Sequence[int] = (), gates: str | None = None
+    methods: Sequence[str], ratios: Sequence[float], exit_layers: Sequence[int] = (), gates: str | None = None,
+    presets: Sequence[str] = DYMU_PRESETS, slowfast_modes: Sequence[str] = tuple(SLOWFAST_CELLS),
+    slowfast_extra: dict[str, Any] | None = None,
 ) -> list[GridCell]:
     """Cells: ``none`` once, every pruning method at every ratio, ``dyvte`` at every fixed exit
-    layer and with ``gates`` (when given)."""
+    layer and with ``gates`` (when given), ``dymu`` per preset, ``slowfast`` per mode (with
+    ``slowfast_extra`` options, e.g. the built-in model's mosaic layout and trained adapter)."""
     cells: list[GridCell] = []
     for m in methods:
         if m == "none":
@@ -589,9 +613,29 @@ def grid(
                 cells.append(GridCell(m, None, (("gates", str(gates)),)))
             if not exit_layers and gates is None:
                 raise ValueError("dyvte needs --exit-layer K[,K...] or --gates PATH (no shipped gates for this model)")
+        elif m == "dymu":
+            cells += [GridCell(m, None, (("preset", p),)) for p in presets]
+        elif m == "slowfast":
+            for mode in slowfast_modes:
+                if mode not in SLOWFAST_CELLS:
+                    raise ValueError(f"unknown slow-fast mode {mode!r}; modes: {', '.join(SLOWFAST_CELLS)}")
+                opts = {**SLOWFAST_CELLS[mode], **(slowfast_extra or {})}
+                if mode != "hybrid":
+                    opts.pop("adapter", None)
+                cells.append(GridCell(m, None, tuple(opts.items())))
         else:
             cells += [GridCell(m, float(r)) for r in ratios]
     return cells
+
+
+def slowfast_extra(em: EvalModel) -> dict[str, Any]:
+    """Options slow-fast needs on this model: the built-in model's mosaic layout and its adapter."""
+    extra: dict[str, Any] = {}
+    if em.builtin:
+        extra["mosaic"] = 2
+    if em.path is not None and (Path(em.path) / SLOWFAST_ADAPTER_DIR).exists():
+        extra["adapter"] = str(Path(em.path) / SLOWFAST_ADAPTER_DIR)
+    return extra
 
 
 def _batched(items: Sequence[Item], size: int) -> Iterator[list[Item]]:
@@ -612,6 +656,8 @@ def run_eval(
     data_dir: str | os.PathLike | None = None,
     exit_layers: Sequence[int] = (),
     gates: str | None = None,
+    presets: Sequence[str] = DYMU_PRESETS,
+    slowfast_modes: Sequence[str] = tuple(SLOWFAST_CELLS),
     progress: bool | None = None,
     keep_predictions: bool = False,
 ) -> list[dict[str, Any]]:
@@ -625,7 +671,7 @@ def run_eval(
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
     directory = Path(data_dir if data_dir is not None else DEFAULT_VIDEO_DIR).expanduser()
-    cells = grid(methods, ratios, exit_layers, gates)
+    cells = grid(methods, ratios, exit_layers, gates, presets, slowfast_modes, slowfast_extra(em))
     torch.manual_seed(seed)
     task_objs = [TASKS[name]() for name in tasks]
     loaded = [(t, t.load(limit if limit is not None else DEFAULT_LIMITS.get(t.name, 100), directory)) for t in task_objs]
@@ -639,6 +685,9 @@ def run_eval(
                 if batches:  # warm-up (untimed): first-call allocations and lazy initialisation
                     answer_logits(em, batches[0][1])
                 for spec in cells:
+                    if spec.method == "slowfast" and not getattr(task, "video", True):
+                        bar.update(len(items))
+                        continue
                     bar.set_postfix_str(f"{task.name} {spec.method} {spec.setting}")
                     with _PeakMemory(em.device) as mem:
                         if spec.method == "none":

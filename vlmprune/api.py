@@ -48,12 +48,20 @@ class Handle:
         record = self.stats.last
         if record is None:
             raise RuntimeError("no patched call has run yet: call the model (or generate) first")
+        import dataclasses
+
         lengths = record.layer_seq_len or record.seq_len  # per decoder layer for in-LLM exits
-        overhead = sum(r.overhead_flops for r in self.stats.records if r.call == record.call)
-        return estimate(
+        call = [r for r in self.stats.records if r.call == record.call]
+        overhead = sum(r.overhead_flops for r in call)
+        report = estimate(
             self.model, inputs, lengths, generated_tokens=generated_tokens,
             overhead=overhead, batch_size=len(record.llm_tokens),
         )
+        ran = [r for r in call if r.vision_flops is not None]  # an encoder-stage method (DyMU) shrank it
+        if ran:
+            report = dataclasses.replace(report, vision=ran[-1].vision_flops,
+                                         projector=ran[-1].projector_flops or report.projector)
+        return report
 
     def remove(self) -> None:
         if self.removed:
