@@ -145,39 +145,7 @@ def _bg_weight(n: int) -> Tensor:
 # -- stage 2 ---------------------------------------------------------------------------------------
 
 
-def training_questions(objects: tuple[data.Obj, ...], rng: np.random.Generator, k: int) -> list[data.Question]:
-    """Up to ``k`` distinct questions about one image, drawn round-robin over the question types
-    with yes/no answers balanced: the 256 visual tokens dominate a step's cost, so asking many
-    questions about each image multiplies the supervision for a few percent more compute."""
-    pools = data.image_question_candidates(objects)
-    queues: list[list[data.Question]] = []
-    for t in data.IMAGE_QTYPES:
-        pool = list(pools[t])
-        if not pool:
-            continue
-        if t in ("relation", "exist"):
-            by_answer = {a: [q for q in pool if q.answer == a] for a in data.YES_NO}
-            for v in by_answer.values():
-                rng.shuffle(v)
-            merged = []
-            first = data.YES_NO[int(rng.integers(2))]
-            order = (first, "no" if first == "yes" else "yes")
-            for i in range(max(len(v) for v in by_answer.values())):
-                merged += [by_answer[a][i] for a in order if i < len(by_answer[a])]
-            queues.append(merged)
-        else:
-            rng.shuffle(pool)
-            queues.append(pool)
-    out: list[data.Question] = []
-    while len(out) < k and any(queues):
-        for q in queues:
-            if q and len(out) < k:
-                out.append(q.pop(0))
-    rng.shuffle(out)
-    return out
-
-
-def _turns(questions: tuple[data.Question, ...] | list[data.Question], caption: str | None, rng: np.random.Generator, max_q: int) -> list[tuple[list[str], list[str]]]:
+def _turns(questions: tuple[data.Question, ...], caption: str | None, rng: np.random.Generator, max_q: int) -> list[tuple[list[str], list[str]]]:
     qs = list(questions)
     rng.shuffle(qs)
     turns = [(list(q.words), [q.answer]) for q in qs[:max_q]]
@@ -186,7 +154,7 @@ def _turns(questions: tuple[data.Question, ...] | list[data.Question], caption: 
     return turns
 
 
-def lm_batch(step: int, batch: int, video_share: float, tok: Any, image_token_id: int, turns: int = 4) -> dict[str, Tensor]:
+def lm_batch(step: int, batch: int, video_share: float, tok: Any, image_token_id: int) -> dict[str, Tensor]:
     """Right-padded multi-turn sequences; labels only on answers and their end token."""
     rng = np.random.default_rng(10_000_000 + step)
     rows, labels, images = [], [], []
@@ -196,15 +164,14 @@ def lm_batch(step: int, batch: int, video_share: float, tok: Any, image_token_id
         if rng.random() < video_share:
             clip = data.make_video("train", index)
             imgs = data.mosaic(clip.frames)
-            turns_ = _turns(clip.questions, clip.caption, rng, 2)
+            turns = _turns(clip.questions, clip.caption, rng, 2)
         else:
             sample = data.make_image("train", index)
             imgs = [sample.image]
-            qs = training_questions(sample.objects, rng, turns) if turns > len(sample.questions) else sample.questions
-            turns_ = _turns(qs, None, rng, turns)
+            turns = _turns(sample.questions, None, rng, 4)
         ids = [image_token_id] * (data.GRID * data.GRID * len(imgs))
         lab = [-100] * len(ids)
-        for q, a in turns_:
+        for q, a in turns:
             q_ids = tok.convert_tokens_to_ids(q)
             a_ids = tok.convert_tokens_to_ids(a) + [eos]
             ids += q_ids + a_ids
@@ -231,7 +198,7 @@ def train_language(model: Any, processor: Any, args: argparse.Namespace, resume_
                  *model.lm_head.parameters()]
 
     def step_fn(step: int) -> tuple[Tensor, dict[str, float]]:
-        b = lm_batch(step, args.lm_batch, args.video_share, tok, model.config.image_token_id, args.turns)
+        b = lm_batch(step, args.lm_batch, args.video_share, tok, model.config.image_token_id)
         out = model(**b)
         with torch.no_grad():
             pred = out.logits[:, :-1].argmax(-1)
@@ -290,7 +257,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lm-batch", type=int, default=16)
     p.add_argument("--lm-lr", type=float, default=1.5e-3)
     p.add_argument("--lm-minutes", type=float, default=29.0)
-    p.add_argument("--turns", type=int, default=4, help="question/answer turns per training image")
     p.add_argument("--video-share", type=float, default=0.3, help="share of video clips in the batches")
     p.add_argument("--eval-samples", type=int, default=200)
     p.add_argument("--resume-dir", default=None, help="resumable training state (default: <output>/../train-state)")
