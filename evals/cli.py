@@ -58,10 +58,11 @@ def _methods(text: str) -> list[str]:
 
     valid = ["none", *available_methods()]
     names = [m.strip() for m in text.split(",") if m.strip()]
-    bad = [m for m in names if m not in valid]
+    bad = [m for m in names if any(part not in valid or part == "none" for part in m.split("+")) and m not in valid]
     if not names or bad:
         raise argparse.ArgumentTypeError(
-            f"unknown method {', '.join(map(repr, bad)) or repr(text)}; choose from {', '.join(valid)}"
+            f"unknown method {', '.join(map(repr, bad)) or repr(text)}; choose from {', '.join(valid)} "
+            "(or a stack joined by '+', e.g. fastervlm+flash)"
         )
     return list(dict.fromkeys(names))
 

@@ -346,6 +346,7 @@ class ImageShort(ImageMC):
     """The image questions answered by greedy generation: exact match of the first word."""
 
     name = "image_short"
+    generates = True
 
     def evaluate(self, em: EvalModel, items: Sequence[Item], inputs: dict[str, Tensor]) -> BatchResult:
         words, counts = greedy(em, inputs, IMAGE_SHORT_MAX_NEW_TOKENS)
@@ -376,6 +377,7 @@ class VideoCaption(_BuiltinTask):
     name = "video_caption"
     metric = "token_f1"
     video = True
+    generates = True
 
     def load(self, limit: int, data_dir: Path) -> list[Item]:
         from . import builtin, data
@@ -442,6 +444,7 @@ class _Cell:
     visual_in: list[int] = field(default_factory=list)
     llm: list[int] = field(default_factory=list)
     llm_raw: list[Any] = field(default_factory=list)  # per sample: a length, or one per decoder layer
+    decode: list[Any] = field(default_factory=list)  # FLASH: one DecodeRecord per speculative generate
     generated: list[int] = field(default_factory=list)
     seconds: float = 0.0
     positions: str | None = None  # what the seam actually used (the model's default unless asked)
@@ -509,6 +512,8 @@ def _run_cell(
         _sync(device)
         cell.seconds += time.perf_counter() - start
         records = list(handle.stats.records) if handle is not None else []
+        if handle is not None:
+            cell.decode += list(getattr(handle.stats, "decode", []))
         _account(cell, em, inputs, records, result)
         cell.scores += result.scores
         cell.qtypes += [it.qtype for it in items]
@@ -546,7 +551,21 @@ def _row(task: Task, spec: GridCell, cell: _Cell, em: EvalModel, extra: dict[str
         "flops": per_sample,
         "latency_s": cell.seconds / n,
         "model": em.name,
+        **_decode_fields(cell),
         **extra,
+    }
+
+
+def _decode_fields(cell: _Cell) -> dict[str, Any]:
+    """FLASH rows: accepted draft tokens and new tokens per verification round (the rows' FLOPs
+    are the target's plain decoding; the draft's and the multi-token verification's extra work is
+    not in them, the latency is measured)."""
+    if not cell.decode:
+        return {}
+    rounds = sum(r.rounds for r in cell.decode)
+    return {
+        "mean_accepted": sum(r.accepted for r in cell.decode) / max(rounds, 1),
+        "tokens_per_round": sum(r.new_tokens - 1 for r in cell.decode) / max(rounds, 1),
     }
 
 
@@ -566,6 +585,8 @@ class GridCell:
             return f"{self.ratio:g}"
         if self.method == "slowfast":
             return dict(self.options).get("mode", "")
+        if self.method == "flash":
+            return "draft=" + (Path(dict(self.options)["draft"]).name if "draft" in dict(self.options) else "untrained")
         return ",".join(f"{k}={Path(v).name if k == 'gates' else v}" for k, v in self.options)
 
 
@@ -574,7 +595,7 @@ def _method_options(spec: GridCell, seed: int, positions: str | None) -> dict[st
 
     names = lookup(spec.method)[0].option_names()
     options: dict[str, Any] = dict(spec.options)
-    if spec.ratio is not None:
+    if spec.ratio is not None and "ratio" in names:
         options["ratio"] = spec.ratio
     if "seed" in names:
         options["seed"] = seed
@@ -593,6 +614,7 @@ SLOWFAST_CELLS: dict[str, dict[str, Any]] = {
 }
 DYMU_PRESETS: tuple[str, ...] = ("low", "mid", "high")
 SLOWFAST_ADAPTER_DIR = "slowfast-hybrid"
+FLASH_DRAFT_DIR = "flash-draft"
 
 
 def grid(
@@ -615,17 +637,33 @@ def grid(
                 raise ValueError("dyvte needs --exit-layer K[,K...] or --gates PATH (no shipped gates for this model)")
         elif m == "dymu":
             cells += [GridCell(m, None, (("preset", p),)) for p in presets]
+        elif m == "flash":
+            cells.append(GridCell(m, 0.0, tuple((slowfast_extra or {}).get("_flash", {}).items())))
         elif m == "slowfast":
             for mode in slowfast_modes:
                 if mode not in SLOWFAST_CELLS:
                     raise ValueError(f"unknown slow-fast mode {mode!r}; modes: {', '.join(SLOWFAST_CELLS)}")
-                opts = {**SLOWFAST_CELLS[mode], **(slowfast_extra or {})}
+                opts = {**SLOWFAST_CELLS[mode], **{k: v for k, v in (slowfast_extra or {}).items() if k != "_flash"}}
                 if mode != "hybrid":
                     opts.pop("adapter", None)
                 cells.append(GridCell(m, None, tuple(opts.items())))
+        elif "+" in m:  # a stack, e.g. fastervlm+flash: the pruning part at every ratio
+            flash = tuple((slowfast_extra or {}).get("_flash", {}).items())
+            cells += [GridCell(m, float(r), flash if "flash" in m.split("+") else ()) for r in ratios]
         else:
             cells += [GridCell(m, float(r)) for r in ratios]
     return cells
+
+
+def _configs(spec: GridCell, seed: int, positions: str | None) -> list[Any]:
+    """Config objects for a stacked cell (``a+b``): each part gets the options it knows."""
+    from vlmprune.registry import make_config
+
+    out = []
+    for part in spec.method.split("+"):
+        sub = GridCell(part, spec.ratio, spec.options if part == "flash" else ())
+        out.append(make_config(part, _method_options(sub, seed, positions)))
+    return out
 
 
 def slowfast_extra(em: EvalModel) -> dict[str, Any]:
@@ -635,6 +673,8 @@ def slowfast_extra(em: EvalModel) -> dict[str, Any]:
         extra["mosaic"] = 2
     if em.path is not None and (Path(em.path) / SLOWFAST_ADAPTER_DIR).exists():
         extra["adapter"] = str(Path(em.path) / SLOWFAST_ADAPTER_DIR)
+    if em.path is not None and (Path(em.path) / FLASH_DRAFT_DIR).exists():
+        extra["_flash"] = {"draft": str(Path(em.path) / FLASH_DRAFT_DIR)}
     return extra
 
 
@@ -685,17 +725,26 @@ def run_eval(
                 if batches:  # warm-up (untimed): first-call allocations and lazy initialisation
                     answer_logits(em, batches[0][1])
                 for spec in cells:
-                    if spec.method == "slowfast" and not getattr(task, "video", True):
+                    flash = "flash" in spec.method.split("+")
+                    if (spec.method == "slowfast" and not getattr(task, "video", True)) or (
+                        flash and not getattr(task, "generates", False)
+                    ):
                         bar.update(len(items))
                         continue
+                    cell_batches = batches
+                    if flash:  # speculative decoding runs one prompt per call
+                        cell_batches = [([it], task.encode(em, [it])) for it in items]
                     bar.set_postfix_str(f"{task.name} {spec.method} {spec.setting}")
                     with _PeakMemory(em.device) as mem:
                         if spec.method == "none":
                             cell = _run_cell(task, em, batches, None, bar)
                         else:
-                            options = _method_options(spec, seed, positions)
-                            with vlmprune.apply(em.model, spec.method, **options) as handle:
-                                cell = _run_cell(task, em, batches, handle, bar)
+                            if "+" in spec.method:
+                                patch = vlmprune.apply(em.model, _configs(spec, seed, positions))
+                            else:
+                                patch = vlmprune.apply(em.model, spec.method, **_method_options(spec, seed, positions))
+                            with patch as handle:
+                                cell = _run_cell(task, em, cell_batches, handle, bar)
                     extra = {"peak_mem_mb": mem.value, "batch_size": batch_size, "seed": seed,
                              "positions": cell.positions}
                     row = _row(task, spec, cell, em, extra)

@@ -69,6 +69,20 @@ def resolve_tasks(names: Sequence[str], manager: Any | None = None) -> list[str]
     return out
 
 
+def _explain(exc: BaseException, names: Sequence[str]) -> str:
+    """One line for a failed lmms-eval run (tenacity's RetryError unwrapped to its cause)."""
+    inner = exc
+    last = getattr(exc, "last_attempt", None)
+    if last is not None and last.exception() is not None:
+        inner = last.exception()
+    first = (str(inner).strip().splitlines() or [type(inner).__name__])[0]
+    hint = ""
+    if any(w in first.lower() for w in ("token", "connection", "offline", "hub", "resolve", "couldn't reach")):
+        hint = (" (standard lmms-eval tasks fetch their data from the Hugging Face hub; run once online or "
+                "pre-cache the dataset; the offline tasks are vlmprune_builtin_image_mc / _image_short)")
+    return f"lmms-eval could not run {', '.join(names)}: {type(inner).__name__}: {first}{hint}"
+
+
 def _primary_metric(result: dict[str, Any]) -> tuple[str, float]:
     for key, value in result.items():
         if key == "alias" or "stderr" in key or not isinstance(value, (int, float)):
@@ -108,11 +122,14 @@ def run_lmms(
                 try:
                     lm = VlmpruneLMM.wrap(em, spec.method, handle, stats_file=str(stats), batch_size=batch_size)
                     began = time.perf_counter()
-                    out = evaluator.simple_evaluate(
-                        model=lm, tasks=list(names), limit=limit, batch_size=batch_size, task_manager=manager,
-                        random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed, log_samples=False,
-                        bootstrap_iters=0, process_docs_parallel=1, verbosity="WARNING",
-                    )
+                    try:
+                        out = evaluator.simple_evaluate(
+                            model=lm, tasks=list(names), limit=limit, batch_size=batch_size, task_manager=manager,
+                            random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed, log_samples=False,
+                            bootstrap_iters=0, process_docs_parallel=1, verbosity="WARNING",
+                        )
+                    except Exception as exc:  # noqa: BLE001 - one line for the command line
+                        raise RuntimeError(_explain(exc, names)) from exc
                     seconds = time.perf_counter() - began
                 finally:
                     if handle is not None:

@@ -100,8 +100,8 @@ def test_batch_size_does_not_change_results(untrained, videos):
 @pytest.mark.parametrize(
     ("argv", "needles"),
     [
-        (["--task", "image_mc,mmbench"], ["mmbench", "image_mc, image_short, video_mc, video_caption"]),
-        (["--method", "fastervlm,nope"], ["nope", "none, fastervlm, pool, random"]),
+        (["--task", "image_mc,mmbnch"], ["mmbnch", "mmbench", "image_mc, image_short, video_mc, video_caption"]),
+        (["--method", "fastervlm,nope"], ["nope", "none, dymu, dyvte, fastervlm, flash, pool, random, slowfast"]),
         (["--ratio", "0.5,1.0"], ["[0, 1)"]),
         (["--ratio", "abc"], ["[0, 1)", "'abc'"]),
         (["--limit", "0"], ["positive"]),

@@ -141,6 +141,15 @@ def test_unknown_task_lists_close_matches(capsys):
     assert lmms_runner.resolve_tasks(["mmbench"]) == ["mmbench_en_dev"]
 
 
+def test_standard_task_offline_fails_with_one_line(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    rc = cli.main(["--task", "mmbench", "--method", "none", "--limit", "2", "--output", str(tmp_path), "--no-progress"])
+    assert rc == 1
+    err = [line for line in capsys.readouterr().err.strip().splitlines() if "vlmprune-eval: error" in line]
+    assert len(err) == 1 and "lmms-eval could not run mmbench_en_dev" in err[0]
+
+
 def test_launcher_runs_lmms_eval_cli(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1"}
     cmd = [sys.executable, "-m", "vlmprune.evals.lmms_launch", "--model", "vlmprune",
