@@ -86,3 +86,52 @@ def save_heatmaps(model: Any, processor: Any, path: str | Path, n: int = 4, spli
     fig.savefig(path, dpi=90)
     plt.close(fig)
     return path
+
+
+def dymu_tokens_by_objects(model: Any, processor: Any, presets: tuple[str, ...] = ("low", "mid", "high"),
+                           n: int = 120, split: str = "test") -> dict[str, dict[int, list[int]]]:
+    """Visual tokens DyMU keeps per image, grouped by the image's number of objects, per preset:
+    the paper's claim is that the count follows scene complexity."""
+    import vlmprune
+
+    from . import builtin
+
+    samples = data.image_split(split, n)
+    out: dict[str, dict[int, list[int]]] = {}
+    for preset in presets:
+        by: dict[int, list[int]] = {}
+        with vlmprune.apply(model, "dymu", preset=preset) as handle, torch.no_grad():
+            for i in range(0, n, 16):
+                chunk = samples[i : i + 16]
+                inputs = builtin.encode(processor, [builtin.image_prompt(("how", "many", "objects", "are", "there", "?"))] * len(chunk),
+                                        [[s.image] for s in chunk])
+                handle.stats.reset()
+                model(**inputs, logits_to_keep=1)
+                kept = [r for r in handle.stats.records if r.image_tokens is not None][-1].image_tokens
+                for s, k in zip(chunk, kept):
+                    by.setdefault(len(s.objects), []).append(int(k))
+        out[preset] = by
+    return out
+
+
+def save_dymu_plot(counts: dict[str, dict[int, list[int]]], path: str | Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5.5, 3.6))
+    for preset, by in counts.items():
+        xs = sorted(by)
+        means = [float(np.mean(by[x])) for x in xs]
+        stds = [float(np.std(by[x])) for x in xs]
+        ax.errorbar(xs, means, yerr=stds, marker="o", capsize=3, label=f"dymu {preset}")
+    ax.axhline(256, color="black", linestyle="--", linewidth=0.8, label="unmerged (256)")
+    ax.set(xlabel="objects in the image", ylabel="visual tokens kept (mean ± sd)", title="DyMU: tokens follow scene complexity")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
