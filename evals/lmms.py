@@ -135,6 +135,9 @@ class VlmpruneLMM(_lmms_base()):
         self.accelerator = accelerator
         if accelerator is not None:
             self._rank, self._world_size = accelerator.process_index, accelerator.num_processes
+        # launched by accelerate / torchrun: the environment is the ground truth for the rank
+        self._rank = max(self._rank, int(os.environ.get("RANK", "0")))
+        self._world_size = max(self._world_size, int(os.environ.get("WORLD_SIZE", "1")))
         self.batch_size_per_gpu = int(batch_size)
         self.max_new_tokens = int(max_new_tokens)
         self.stats_file = Path(stats_file) if stats_file else None
@@ -198,6 +201,7 @@ class VlmpruneLMM(_lmms_base()):
             total = vision + llm.llm_prefill + llm.decode
             lines.append(json.dumps({
                 "task": req.args[4], "doc_id": req.args[3], "request_type": req.request_type, "method": self.method,
+                "rank": self._rank,
                 "visual_tokens": cell.visual[i], "visual_tokens_in": cell.visual_in[i], "tflops": total / 1e12,
             }))
         with self.stats_file.open("a") as fh:
