@@ -31,6 +31,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .files import local_file
+
 ADAPTER_FILE = "slowfast_hybrid.safetensors"
 IMPLS = ("vanilla", "text-only-vanilla", "text-only-vanilla-masksystem")
 
@@ -143,15 +145,7 @@ class HybridAdapter(nn.Module):
 
 
 def adapter_path(path: str | Path) -> Path:
-    p = Path(path)
-    if p.is_dir():
-        p = p / ADAPTER_FILE
-    if not p.exists():
-        raise AdapterFileError(
-            f"no slow-fast hybrid adapter at {str(path)!r} (expected a .safetensors file or a directory with "
-            f"{ADAPTER_FILE}); train one with `vlmprune train-slowfast`. Adapters are read from local files only."
-        )
-    return p
+    return local_file(path, ADAPTER_FILE, AdapterFileError, "slow-fast hybrid adapter", 'train one with `vlmprune train-slowfast`. Adapters are read from local files only.')
 
 
 def save_adapter(hybrid: HybridAdapter, path: str | Path, lora: dict[str, Tensor] | None = None,

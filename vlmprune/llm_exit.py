@@ -30,7 +30,7 @@ import torch
 from torch import Tensor
 
 from . import context
-from .scope import install_scope
+from .scope import ensure_cache, install_scope
 from .sequence import decode_positions, gather_columns, gather_sequence, layer_mask, prune_sequence
 from .stats import ForwardRecord
 
@@ -164,14 +164,7 @@ class LLMExitSeam:
         if pos.shape[-2] != bsz:
             pos = pos.expand(*pos.shape[:-2], bsz, n)
         kwargs = dict(kwargs)
-        use_cache = kwargs.get("use_cache")
-        if use_cache is None:
-            use_cache = getattr(module.config, "use_cache", False)
-        if use_cache and cache is None:
-            from transformers import DynamicCache
-
-            cache = DynamicCache(config=module.config)
-            kwargs[cache_key] = cache
+        cache = ensure_cache(module, kwargs, cache_key, cache)
         state = ExitState(
             num_layers=self.num_layers, visual=visual & valid, valid=valid, positions=pos,
             exit_at=torch.full((bsz,), self.num_layers, dtype=torch.long, device=embeds.device),

@@ -19,7 +19,7 @@ from torch import Tensor
 
 from . import context
 from .methods.base import PreLLMMethod, Reduction, VisualGroup
-from .scope import install_scope
+from .scope import ensure_cache, install_scope
 from .sequence import PrunedSequence, decode_positions, default_positions, gather_columns, prune_sequence
 from .stats import ForwardRecord
 
@@ -145,14 +145,7 @@ class PreLLMSeam:
         kwargs["position_ids"] = pruned.position_ids
         ctx.columns = pruned.columns
         ctx.visual = gather_columns(visual, pruned.columns, False)
-        use_cache = kwargs.get("use_cache")
-        if use_cache is None:
-            use_cache = getattr(module.config, "use_cache", False)
-        if use_cache and cache is None:
-            from transformers import DynamicCache
-
-            cache = DynamicCache(config=module.config)
-            kwargs[cache_key] = cache
+        cache = ensure_cache(module, kwargs, cache_key, cache)
         if cache is not None:
             state_mask = (
                 pruned.attention_mask

@@ -66,3 +66,18 @@ def install_scope(adapter: Any, hooks: Any, handle: Any) -> None:
     for module in (adapter.model, adapter.inner):
         hooks.forward_pre(module, enter, with_kwargs=True)
         hooks.forward(module, leave, with_kwargs=True, always_call=True)
+
+
+def ensure_cache(module: Any, kwargs: dict, cache_key: str, cache: Any) -> Any:
+    """The KV cache a decoder call will fill, created now (and put into ``kwargs``) when the call
+    caches but brought none: seams key their decode-step state on this object, so it must exist
+    before the decoder would otherwise create its own."""
+    use_cache = kwargs.get("use_cache")
+    if use_cache is None:
+        use_cache = getattr(module.config, "use_cache", False)
+    if use_cache and cache is None:
+        from transformers import DynamicCache
+
+        cache = DynamicCache(config=module.config)
+        kwargs[cache_key] = cache
+    return cache

@@ -27,6 +27,8 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from ..files import local_file
+
 DRAFT_FILE = "draft.safetensors"
 
 
@@ -343,15 +345,7 @@ def draft_loss(
 
 
 def draft_path(path: str | Path) -> Path:
-    p = Path(path)
-    if p.is_dir():
-        p = p / DRAFT_FILE
-    if not p.exists():
-        raise DraftError(
-            f"no FLASH draft at {str(path)!r} (expected a .safetensors file or a directory with {DRAFT_FILE}); "
-            "train one with `vlmprune train-draft`, or pass draft=None for an untrained head"
-        )
-    return p
+    return local_file(path, DRAFT_FILE, DraftError, "FLASH draft", 'train one with `vlmprune train-draft`, or pass draft=None for an untrained head')
 
 
 def save_draft(head: DraftHead, path: str | Path, extra: dict[str, Any] | None = None) -> Path:

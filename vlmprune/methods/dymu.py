@@ -31,6 +31,7 @@ import torch
 from torch import Tensor
 
 from .. import context
+from ..scope import ensure_cache
 from ..sequence import decode_positions, default_positions, gather_columns, layer_mask, prune_sequence
 from ..stats import ForwardRecord
 from . import token_merge as tm
@@ -505,14 +506,7 @@ class DyMU(Method):
                 compact_real = pruned.attention_mask.bool()
             visual_out = (ctx.visual & compact_real).sum(1)
             seq_len = int(pruned.columns.shape[1])
-            use_cache = kwargs.get("use_cache")
-            if use_cache is None:
-                use_cache = getattr(module.config, "use_cache", False)
-            if use_cache and cache is None:
-                from transformers import DynamicCache
-
-                cache = DynamicCache(config=module.config)
-                kwargs[cache_key] = cache
+            cache = ensure_cache(module, kwargs, cache_key, cache)
             if self.kernel != "off":
                 inverse = torch.full((bsz, n), -1, dtype=torch.long, device=embeds.device)
                 for b in range(bsz):

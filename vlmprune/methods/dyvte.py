@@ -19,6 +19,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
+from ..files import local_file
 from .base import Method, MethodConfig, Stage
 
 GATES_FILE = "gates.safetensors"
@@ -151,15 +152,7 @@ def exit_labels(
 
 
 def gates_path(path: str | Path) -> Path:
-    p = Path(path)
-    if p.is_dir():
-        p = p / GATES_FILE
-    if not p.exists():
-        raise GatesError(
-            f"no DyVTE gates at {path!r} (expected a .safetensors file or a directory with {GATES_FILE}); "
-            "train them with `vlmprune train-gates`. Gates are read from local files only."
-        )
-    return p
+    return local_file(path, GATES_FILE, GatesError, "DyVTE gates", 'train them with `vlmprune train-gates`. Gates are read from local files only.')
 
 
 def save_gates(gates: ExitGates, path: str | Path, extra: dict[str, Any] | None = None) -> Path:
