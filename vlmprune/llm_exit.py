@@ -30,6 +30,7 @@ import torch
 from torch import Tensor
 
 from . import context
+from .pre_llm import _cache_len
 from .scope import ensure_cache, install_scope
 from .sequence import decode_positions, gather_columns, gather_sequence, layer_mask, prune_sequence
 from .stats import ForwardRecord
@@ -86,15 +87,6 @@ def _with_hidden(args: tuple, kwargs: dict, hidden: Tensor, positional: bool) ->
         return (hidden, *args[1:]), kwargs
     kwargs["hidden_states"] = hidden
     return args, kwargs
-
-
-def _cache_len(cache: Any) -> int:
-    if cache is None:
-        return 0
-    try:
-        return int(cache.get_seq_length())
-    except (AttributeError, TypeError):
-        return 0
 
 
 class LLMExitSeam:
