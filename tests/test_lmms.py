@@ -159,3 +159,12 @@ def test_launcher_runs_lmms_eval_cli(tmp_path):
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert TASK in proc.stdout and "acc" in proc.stdout
     assert len((tmp_path / "stats.jsonl").read_text().splitlines()) > 0
+
+
+def test_misspelled_model_args_are_clear_errors():
+    with pytest.raises(TypeError, match="unknown option.*ratoi"):
+        lmms.VlmpruneLMM.create_from_arg_string("pretrained=builtin,method=fastervlm,ratoi=0.9")
+    with pytest.raises(TypeError, match="without a method"):
+        lmms.VlmpruneLMM.create_from_arg_string("pretrained=builtin,methd=fastervlm")
+    with pytest.raises(ValueError, match="unknown method"):
+        lmms.VlmpruneLMM.create_from_arg_string("pretrained=builtin,method=fastervml")
