@@ -9,6 +9,7 @@ where. Methods use these answers through the seams in ``vlmprune``.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -47,10 +48,15 @@ class MergeLayout:
 @dataclass
 class PostMergeLayout:
     """Token merging on the tokens the vision tower emits (after a patch merger that needs whole 2x2
-    groups, e.g. Qwen2-VL): ``rounds`` bipartite rounds per image, no [CLS]."""
+    groups, e.g. Qwen2-VL; after InternVL's pixel shuffle): ``rounds`` bipartite rounds per image / tile,
+    no [CLS]. ``module``: whose output holds the tokens (None: the vision tower's ``pooler_output``, packed
+    along dim 0; a module returning a (groups, tokens, dim) tensor, e.g. InternVL's projector).
+    ``group_sizes(inputs)``: tokens per image / tile in this call (None: Qwen2-VL's ``image_grid_thw``)."""
 
     rounds: int
     merge_size: int
+    module: nn.Module | None = None
+    group_sizes: Callable[[dict[str, Any]], list[int]] | None = None
 
 
 class Adapter:
@@ -153,14 +159,10 @@ class Adapter:
 
     def merge_layout(self) -> MergeLayout:
         """The vision blocks token merging (DyMU) runs inside; families without support say why."""
-        why = {
-            "internvl": "merging inside InternViT breaks the 2x2 pixel shuffle, and post-shuffle merging is not implemented",
-        }.get(self.family, "")
         raise ValueError(
             f"vlmprune: DyMU token merging is not supported for {self.family or type(self).__name__} models"
-            + (f" ({why})" if why else "")
-            + "; supported: the LLaVA family with a CLIP or SigLIP tower (LLaVA-1.5, LLaVA-NeXT, LLaVA-OneVision images) "
-            "and Qwen2-VL / Qwen2.5-VL images (merging after the ViT)"
+            "; supported: the LLaVA family with a CLIP or SigLIP tower (LLaVA-1.5, LLaVA-NeXT, LLaVA-OneVision images), "
+            "Qwen2-VL / Qwen2.5-VL images (merging after the ViT) and InternVL (merging after the pixel shuffle)"
         )
 
     def decoder_attention(self, index: int) -> nn.Module:

@@ -14,6 +14,9 @@ FasterVLM on InternVL (spec ``fastervlm.md`` section 7): the [CLS] attention row
 produces the feature layer, averaged over heads, is pooled over exactly the patches that
 ``pixel_shuffle`` merges into each token, so every LLM token gets the mean score of its patches;
 selection is top-k per tile (thumbnail included), one :class:`VisualGroup` per tile.
+
+DyMU on InternVL (spec ``dymu.md`` section 7): DToMe runs on the projector's output tokens of each tile
+(after the pixel shuffle), VTU in the Qwen2 / Llama LLM with its 1-D positions.
 """
 
 from __future__ import annotations
@@ -87,6 +90,24 @@ class InternVLAdapter(Adapter):
             raise ValueError(f"vlmprune: {patch_scores.shape[-1]} patch scores do not form a square grid")
         members = self.merge_members(side).to(patch_scores.device)
         return patch_scores[:, members].mean(dim=-1)
+
+    # -- token merging (DyMU) ------------------------------------------------------------------
+    def merge_layout(self) -> Any:
+        """DyMU after the pixel shuffle (spec section 7): merging inside InternViT would break the 2x2
+        shuffle, so the ViT and projector run in full and 3 bipartite rounds merge the projector's output
+        tokens per tile (no [CLS]: the stock model dropped it before the shuffle)."""
+        from .base import PostMergeLayout
+
+        return PostMergeLayout(rounds=3, merge_size=1, module=self.inner.multi_modal_projector,
+                               group_sizes=self.tile_sizes)
+
+    def tile_sizes(self, inputs: dict[str, Any]) -> list[int]:
+        """LLM tokens per tile of this call, tiles in ``pixel_values`` order."""
+        pixel_values = inputs.get("pixel_values")
+        if pixel_values is None:
+            raise ValueError("vlmprune: InternVL image features without pixel_values to locate their tiles")
+        h, w = self.merged_grid(self.patch_side(pixel_values))
+        return [h * w] * int(pixel_values.shape[0])
 
     # -- scoring ---------------------------------------------------------------------------------
     def _block_for(self, feature_layer: int | list[int]) -> int:

@@ -416,10 +416,12 @@ def test_builtin_presets_load_or_give_a_clear_error():
 
 
 def test_unsupported_family_and_composition():
-    from test_internvl import tiny_internvl
+    from types import SimpleNamespace
 
-    with pytest.raises(ValueError, match="not supported for internvl models .*pixel shuffle"):
-        vlmprune.apply(tiny_internvl(), "dymu", thresholds=[None] * 2)
+    from vlmprune.adapters.base import Adapter
+
+    with pytest.raises(ValueError, match="not supported for Adapter models.*InternVL"):
+        Adapter(SimpleNamespace(model=None, config=None)).merge_layout()
     model = tiny()
     with pytest.raises(ValueError, match="vtu=False"):
         vlmprune.apply(model, [vlmprune.DyMUConfig(thresholds=[None] * 4), vlmprune.DyVTEConfig(exit_layer=1)])
@@ -593,3 +595,103 @@ def test_vtu_with_mrope_equals_expanded_reference(kernel):
     ref = vtu.scatter_mean(full, g, valid, 5)
     out, _ = dymu.vtu_attention(attn, h, dymu.VTUState(g, valid, pos, 5, kernel), rope_fn, lm.rotary_emb)
     assert torch.allclose(out, ref, atol=1e-5)
+
+
+# -- InternVL: merging after the pixel shuffle (spec §7), one group per tile ------------------------------
+
+IVL_TAUS = [0.5, 0.5, 0.5]  # merges some but not all of the tiny model's 16 tokens per tile
+
+
+def _ivl_padded():
+    """Left-padded batch: sample 0 one 1-tile image, sample 1 images of 2 and 1 tiles (4 tiles in all)."""
+    from test_internvl import PAD
+    from test_internvl import prompt as ivl_prompt
+
+    a, b = ivl_prompt([1], seed=15), ivl_prompt([2, 1], seed=16)
+    pad = b.shape[0] - a.shape[0]
+    ids = torch.stack([torch.cat([torch.full((pad,), PAD), a]), b])
+    mask = torch.ones_like(ids)
+    mask[0, :pad] = 0
+    g = torch.Generator().manual_seed(15)
+    return {"input_ids": ids, "attention_mask": mask, "pixel_values": torch.randn(4, 3, 32, 32, generator=g)}
+
+
+def _ivl_one(inputs, i):
+    keep = inputs["attention_mask"][i].bool()
+    lo, hi = [(0, 1), (1, 4)][i]
+    return {"input_ids": inputs["input_ids"][i : i + 1, keep], "attention_mask": inputs["attention_mask"][i : i + 1, keep],
+            "pixel_values": inputs["pixel_values"][lo:hi]}
+
+
+@pytest.fixture(scope="module")
+def ivl():
+    from test_internvl import tiny_internvl
+
+    model = tiny_internvl()
+    model.generation_config.eos_token_id = None
+    return model
+
+
+@pytest.mark.parametrize("vtu_kind", ["fast", "exact", False])
+def test_internvl_noop_thresholds_are_bit_identical(ivl, vtu_kind):
+    from test_internvl import batch as ivl_batch
+    from test_internvl import prompt as ivl_prompt
+
+    inputs = ivl_batch([ivl_prompt([2, 1], seed=1), ivl_prompt([2, 1], seed=2)], 6)
+    ref = ivl(**inputs).logits
+    with vlmprune.apply(ivl, "dymu", thresholds=[None] * 3, vtu=vtu_kind) as handle:
+        assert torch.equal(ivl(**inputs).logits, ref)
+        rec = handle.stats.last
+    assert rec.image_tokens == [16] * 6 and rec.visual_out == [48, 48]
+    assert rec.encoder_layer_tokens == [[16] * 3] * 6
+    with pytest.raises(dymu.ThresholdsError, match="3 blocks / rounds"):
+        vlmprune.apply(ivl, "dymu", thresholds=[None] * 2)
+
+
+def test_internvl_merges_per_tile_sizes_and_remove(ivl):
+    inputs = _ivl_padded()
+    ref = ivl(**inputs).logits
+    handle = vlmprune.apply(ivl, "dymu", thresholds=IVL_TAUS)
+    rec = (ivl(**inputs), handle.stats.last)[1]
+    assert rec.positions == "original" and rec.vtu == "fast"
+    assert len(rec.image_tokens) == 4 and all(1 <= k < 16 for k in rec.image_tokens)
+    assert rec.visual_out == [rec.image_tokens[0], sum(rec.image_tokens[1:])] and rec.visual_in == [16, 48]
+    assert [row[-1] for row in rec.encoder_layer_tokens] == rec.image_tokens
+    assert rec.kv_len == inputs["attention_mask"].sum(1).tolist()
+    # the merge state: each tile's sizes sum to its 16 tokens, every token in exactly one merged token
+    feats = ivl.model.get_image_features(inputs["pixel_values"]).pooler_output
+    _, run = dymu.post_merge(feats.reshape(-1, feats.shape[-1]), [16] * 4, 3, dymu.threshold_rule(IVL_TAUS, False))
+    st = run.state
+    assert torch.equal((st.size * st.valid).sum(1), torch.full((4,), 16.0))
+    assert torch.equal((st.pos * st.valid.unsqueeze(-1)).sum(1), torch.ones(4, 16))
+    assert st.counts.tolist() == rec.image_tokens
+    handle.remove()
+    assert torch.equal(ivl(**inputs).logits, ref)
+    assert not any("forward" in m.__dict__ for m in ivl.modules())
+
+
+@pytest.mark.parametrize("vtu_kind", ["fast", "exact", False])
+def test_internvl_batch_of_two_with_different_counts_equals_each_alone(ivl, vtu_kind):
+    inputs = _ivl_padded()
+    with vlmprune.apply(ivl, "dymu", thresholds=IVL_TAUS, vtu=vtu_kind) as handle:
+        batched = ivl(**inputs).logits
+        rec = handle.stats.last
+        assert rec.visual_out[0] != rec.visual_out[1] and all(o < i for o, i in zip(rec.visual_out, rec.visual_in))
+        for i, tiles in enumerate([rec.image_tokens[:1], rec.image_tokens[1:]]):
+            alone = ivl(**_ivl_one(inputs, i)).logits
+            assert handle.stats.last.image_tokens == tiles
+            assert torch.allclose(batched[i, -alone.shape[1]:], alone[0], atol=1e-4), (vtu_kind, i)
+        out = ivl.generate(**inputs, max_new_tokens=3, do_sample=False)
+        assert out.shape[1] == inputs["input_ids"].shape[1] + 3
+
+
+def test_internvl_calibration_lands_near_target(ivl):
+    """Calibration on InternVL tiles (16 tokens each after the pixel shuffle) hits its target."""
+    g = torch.Generator().manual_seed(3)
+    pv = torch.randn(24, 3, 32, 32, generator=g)
+    assert cal.patch_count(ivl) == 16
+    res = cal.calibrate(ivl, pv, 8, batch_size=8)
+    assert len(res["thresholds"]) == 3 and all(t >= 0 for t in res["thresholds"])
+    assert abs(res["calib_mean_tokens"] - 8) <= 0.05 * 8 + 0.5
+    with pytest.raises(ValueError, match="target tokens"):
+        cal.calibrate(ivl, pv, 16, batch_size=8)

@@ -240,7 +240,8 @@ def threshold_rule(thresholds: list[float], has_cls: bool) -> Any:
 
 
 def post_merge(feats: Tensor, sizes: list[int], rounds: int, rule: Any) -> tuple[Tensor, EncoderRun]:
-    """DToMe on the tokens a vision tower emits (Qwen2-VL, spec option 1), images packed along dim 0:
+    """DToMe on the tokens a vision tower emits (Qwen2-VL, spec option 1; InternVL after the
+    pixel shuffle), images / tiles packed along dim 0:
     ``rounds`` bipartite rounds per image on the features' cosine, size-weighted averages, canonical
     order; then every original slot gets its merged token's feature, so the stock layout is unchanged.
     Returns the expanded features and the run (membership rows for the decoder's collapse)."""
@@ -367,7 +368,7 @@ class DyMU(Method):
                 )
         install_scope(self.adapter, hooks, self.handle)
         if self.post:
-            hooks.forward(self.adapter.vision_tower, self._on_tower)
+            hooks.forward(self.layout.module or self.adapter.vision_tower, self._on_tower)
         else:
             rule = threshold_rule(self.thresholds, self.layout.has_cls)
             Merger(self.layout, rule, self._current_run, self._start_run).install(hooks)
@@ -403,20 +404,29 @@ class DyMU(Method):
         return runs[-1] if runs else None
 
     def _on_tower(self, module: Any, args: tuple, output: Any) -> Any:
-        """Post-merge families: merge the tower's output tokens per image, hand back the stock layout."""
+        """Post-merge families: merge the emitted tokens per image / tile, hand back the stock layout.
+        The tokens are the vision tower's ``pooler_output`` packed along dim 0 (Qwen2-VL), or the
+        (groups, tokens, dim) output of ``layout.module`` (InternVL's projector)."""
         ctx = self._ctx()
         if ctx is None:
             return None
-        if ctx.inputs.get("pixel_values_videos") is not None:
-            raise ValueError("vlmprune: dymu on Qwen2-VL merges image tokens only; this call has videos")
-        grid = ctx.inputs.get("image_grid_thw")
-        m = self.layout.merge_size
-        sizes = [int(t * h * w) // (m * m) for t, h, w in grid.tolist()]
-        feats = output.pooler_output
+        if self.layout.group_sizes is not None:
+            sizes = [int(k) for k in self.layout.group_sizes(ctx.inputs)]
+        else:
+            if ctx.inputs.get("pixel_values_videos") is not None:
+                raise ValueError("vlmprune: dymu on Qwen2-VL merges image tokens only; this call has videos")
+            grid = ctx.inputs.get("image_grid_thw")
+            m = self.layout.merge_size
+            sizes = [int(t * h * w) // (m * m) for t, h, w in grid.tolist()]
+        feats = output if isinstance(output, Tensor) else output.pooler_output
+        shape = feats.shape
+        feats = feats.reshape(-1, shape[-1])
         if sum(sizes) != feats.shape[0]:
             raise ValueError(f"vlmprune: dymu expected {sum(sizes)} image tokens from the vision tower, got {feats.shape[0]}")
         new, run = post_merge(feats, sizes, self.layout.rounds, threshold_rule(self.thresholds, False))
         ctx.capture(_RUNS, run)
+        if isinstance(output, Tensor):
+            return new.reshape(shape)
         output.pooler_output = new
         return output
 
