@@ -563,9 +563,14 @@ def _decode_fields(cell: _Cell) -> dict[str, Any]:
     if not cell.decode:
         return {}
     rounds = sum(r.rounds for r in cell.decode)
+    new = sum(r.new_tokens for r in cell.decode)
+    total = sum(r.total_s for r in cell.decode)
     return {
         "mean_accepted": sum(r.accepted for r in cell.decode) / max(rounds, 1),
         "tokens_per_round": sum(r.new_tokens - 1 for r in cell.decode) / max(rounds, 1),
+        "draft_s": sum(r.draft_s for r in cell.decode),
+        "verify_s": sum(r.verify_s for r in cell.decode),
+        "tokens_per_second": new / total if total else float("nan"),
     }
 
 
@@ -718,6 +723,7 @@ def run_eval(
     total = sum(len(items) for _, items in loaded) * len(cells)
     bar = tqdm(total=total, desc="vlmprune-eval", unit="item", disable=(not progress) if progress is not None else None)
     rows = []
+    plain: dict[str, tuple[dict[str, Any], list[str]]] = {}  # the unpatched row and predictions per task
     try:
         with torch.inference_mode():
             for task, items in loaded:
@@ -748,6 +754,12 @@ def run_eval(
                     extra = {"peak_mem_mb": mem.value, "batch_size": batch_size, "seed": seed,
                              "positions": cell.positions}
                     row = _row(task, spec, cell, em, extra)
+                    if spec.method == "none":
+                        plain[task.name] = row, cell.predictions
+                    elif spec.method == "flash" and task.name in plain:  # lossless? and how much faster
+                        base, preds = plain[task.name]
+                        row["identical_to_none"] = cell.predictions == preds
+                        row["speedup_vs_none"] = base["latency_s"] / row["latency_s"] if row["latency_s"] else float("nan")
                     if keep_predictions:
                         row["predictions"] = cell.predictions
                         row["scores"] = cell.scores
