@@ -29,7 +29,7 @@ from vlmprune.methods.dyvte import (
 )
 
 sys.path.insert(0, str(Path(__file__).parent))
-from test_qwen2_vl import IMG, VID, make_batch, tiny_qwen2_vl  # noqa: E402
+from test_qwen2_vl import IMG, VID, make_batch, tiny_qwen2_5_vl, tiny_qwen2_vl  # noqa: E402
 
 from tiny import IMAGE_TOKEN, PAD, llama_config  # noqa: E402
 
@@ -256,9 +256,10 @@ def test_composes_with_fastervlm():
         model.generate(**x, max_new_tokens=3, do_sample=False)
 
 
-def test_qwen2_vl_positions_preserved():
-    """M-RoPE: removal equals masking, so the text tokens kept their 3-D positions."""
-    model = tiny_qwen2_vl()
+@pytest.mark.parametrize("builder", [tiny_qwen2_vl, tiny_qwen2_5_vl])
+def test_qwen2_vl_positions_preserved(builder):
+    """M-RoPE (Qwen2-VL and Qwen2.5-VL): removal equals masking, so the text tokens kept their 3-D positions."""
+    model = builder()
     model.config.text_config.num_hidden_layers = 2
     x = make_batch(model, [dict(images=[(1, 8, 8)], videos=[(2, 4, 4)], before=3, after=5)])
     with MaskedExit(model, [1], (IMG, VID)) as oracle:
