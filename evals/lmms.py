@@ -16,6 +16,7 @@ in vlmprune's package metadata, and :func:`register` adds it explicitly (the lau
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 from collections.abc import Sequence
@@ -149,10 +150,13 @@ class VlmpruneLMM(_lmms_base()):
 
     # -- prompts ------------------------------------------------------------------------------
     def _visuals(self, request: Any) -> list[np.ndarray]:
+        doc_to_visual, doc_id, task, split = request.args[2:6]
+        return self._images(doc_to_visual(self.task_dict[task][split][doc_id]) if doc_to_visual is not None else [])
+
+    def _images(self, visuals: Any) -> list[np.ndarray]:
+        """Images as arrays; a video path becomes its frames (the built-in model: its two mosaics)."""
         from . import data
 
-        doc_to_visual, doc_id, task, split = request.args[2:6]
-        visuals = doc_to_visual(self.task_dict[task][split][doc_id]) if doc_to_visual is not None else []
         out: list[np.ndarray] = []
         for v in visuals or []:
             if isinstance(v, (str, os.PathLike)):  # a video file
@@ -184,7 +188,10 @@ class VlmpruneLMM(_lmms_base()):
         return {k: v.to(self.em.device) if isinstance(v, Tensor) else v for k, v in inputs.items()}
 
     # -- accounting ---------------------------------------------------------------------------
-    def _log(self, requests: Sequence[Any], inputs: dict[str, Tensor], generated: list[int]) -> None:
+    def _log(self, requests: Sequence[Any], inputs: dict[str, Tensor], generated: list[int],
+             keys: Sequence[tuple[Any, Any]] | None = None) -> None:
+        """``keys``: (task, doc_id) per request when its arguments are not laid out as
+        ``(context, target/kwargs, doc_to_visual, doc_id, task, split)``."""
         if self.stats_file is None:
             return
         from . import harness
@@ -196,11 +203,12 @@ class VlmpruneLMM(_lmms_base()):
         n = len(requests)
         vision = (cell.flops["vision"] + cell.flops["projector"] + cell.flops["overhead"]) / n
         lines = []
+        keys = keys or [(req.args[4], req.args[3]) for req in requests]
         for i, req in enumerate(requests):
             llm = harness._llm_flops(self.em.model, cell.llm_raw[i], int(generated[i]))
             total = vision + llm.llm_prefill + llm.decode
             lines.append(json.dumps({
-                "task": req.args[4], "doc_id": req.args[3], "request_type": req.request_type, "method": self.method,
+                "task": keys[i][0], "doc_id": keys[i][1], "request_type": req.request_type, "method": self.method,
                 "rank": self._rank,
                 "visual_tokens": cell.visual[i], "visual_tokens_in": cell.visual_in[i], "tflops": total / 1e12,
             }))
@@ -269,36 +277,72 @@ class VlmpruneLMM(_lmms_base()):
 
         out: list[str] = []
         bar = tqdm(total=len(requests), disable=self.rank != 0, desc="vlmprune generate")
-        tok = self.em.tokenizer
         for batch in self._batches(requests):
             prompts, images = [], []
-            kwargs = dict(batch[0].args[1] or {})
             for req in batch:
                 imgs = self._visuals(req)
                 prompts.append(self._prompt(req.args[0], len(imgs)))
                 images.append(imgs)
-            inputs = self._encode(prompts, images)
-            until = kwargs.get("until") or []
-            until = [until] if isinstance(until, str) else list(until)
-            max_new = int(kwargs.get("max_new_tokens", self.max_new_tokens))
-            generated = self.em.model.generate(
-                **inputs, max_new_tokens=max_new, do_sample=False,
-                pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
-            )
-            new = generated[:, inputs["input_ids"].shape[1]:].tolist()
-            counts = []
-            for row in new:
-                stop = row.index(tok.eos_token_id) + 1 if tok.eos_token_id in row else len(row)
-                counts.append(stop)
-                text = (" ".join(self.em.words(row)) if self.em.builtin else tok.decode(row[:stop], skip_special_tokens=True))
-                for u in until:
-                    if u and u in text:
-                        text = text[: text.index(u)]
-                out.append(text.strip())
+            texts, counts, inputs = self._generate(prompts, images, dict(batch[0].args[1] or {}))
+            out += texts
             self._log(batch, inputs, counts)
             bar.update(len(batch))
         bar.close()
         return out
 
-    def generate_until_multi_round(self, requests: list[Any]) -> list[str]:
-        raise NotImplementedError("vlmprune: multi-round generation is not supported")
+    def _generate(self, prompts: list[str], images: list[list[np.ndarray]], kwargs: dict[str, Any]
+                  ) -> tuple[list[str], list[int], dict[str, Tensor]]:
+        """Greedy continuations cut at ``until``, the tokens each generated, and the inputs."""
+        tok = self.em.tokenizer
+        inputs = self._encode(prompts, images)
+        until = kwargs.get("until") or []
+        until = [until] if isinstance(until, str) else list(until)
+        max_new = int(kwargs.get("max_new_tokens", self.max_new_tokens))
+        generated = self.em.model.generate(
+            **inputs, max_new_tokens=max_new, do_sample=False,
+            pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
+        )
+        texts, counts = [], []
+        for row in generated[:, inputs["input_ids"].shape[1]:].tolist():
+            stop = row.index(tok.eos_token_id) + 1 if tok.eos_token_id in row else len(row)
+            counts.append(stop)
+            text = " ".join(self.em.words(row)) if self.em.builtin else tok.decode(row[:stop], skip_special_tokens=True)
+            for u in until:
+                if u and u in text:
+                    text = text[: text.index(u)]
+            texts.append(text.strip())
+        return texts, counts, inputs
+
+    @torch.inference_mode()
+    def generate_until_multi_round(self, requests: list[Any]) -> list[list[str]]:
+        """lmms-eval's multi-round protocol, one request at a time: after each round the task's
+        ``doc_to_text(doc, previous_output=, round_idx=, previous_round_info=)`` returns the next
+        round's visuals and context, whether to stop, the round answers to keep and its state;
+        the answer is the list of kept round outputs."""
+        from tqdm.auto import tqdm
+
+        out: list[list[str]] = []
+        bar = tqdm(total=len(requests), disable=self.rank != 0, desc="vlmprune multi-round")
+        for req in requests:
+            context, gen_kwargs, doc_to_visual, doc_to_text, doc_id, task, split = req.args
+            doc = self.task_dict[task][split][doc_id]
+            visuals = self._images(doc_to_visual(doc) if doc_to_visual is not None else [])
+            rounds: list[str] = []
+            info = None
+            for round_idx in itertools.count():
+                if round_idx:
+                    visuals, context, terminal, kept, info = doc_to_text(
+                        doc, previous_output=list(rounds), round_idx=round_idx, previous_round_info=info
+                    )
+                    rounds = list(kept)
+                    if terminal:
+                        break
+                    visuals = self._images(visuals or [])
+                texts, counts, inputs = self._generate([self._prompt(context, len(visuals))], [visuals],
+                                                       dict(gen_kwargs or {}))
+                rounds.append(texts[0])
+                self._log([req], inputs, counts, keys=[(task, doc_id)])
+            out.append(rounds)
+            bar.update(1)
+        bar.close()
+        return out

@@ -168,3 +168,30 @@ def test_misspelled_model_args_are_clear_errors():
         lmms.VlmpruneLMM.create_from_arg_string("pretrained=builtin,methd=fastervlm")
     with pytest.raises(ValueError, match="unknown method"):
         lmms.VlmpruneLMM.create_from_arg_string("pretrained=builtin,method=fastervml")
+
+
+def test_generate_until_multi_round_follows_the_task_protocol(em):
+    """Round 0 answers the context; the task's doc_to_text gives round 1 and then stops. Each
+    round equals a single-round generation of the same prompt."""
+    from lmms_eval.api.instance import Instance
+
+    items = docs(2)
+    calls = []
+
+    def doc_to_text(doc, previous_output, round_idx, previous_round_info):
+        calls.append((round_idx, list(previous_output), previous_round_info))
+        if round_idx == 2:
+            return None, None, True, previous_output, None
+        return [utils.doc_to_visual(doc)[0]], "how many objects are there ?", False, previous_output, {"r": round_idx}
+
+    lm = lmms.VlmpruneLMM.wrap(em, "none", None)
+    lm.task_dict = {TASK: {"test": items}}
+    gen = {"max_new_tokens": 3}
+    req = Instance(request_type="generate_until_multi_round", idx=0, metadata={"task": TASK, "doc_id": 0, "repeats": 1},
+                   arguments=(utils.doc_to_text(items[0]), gen, utils.doc_to_visual, doc_to_text, 0, TASK, "test"))
+    (rounds,) = lm.generate_until_multi_round([req])
+    assert len(rounds) == 2 and [c[0] for c in calls] == [1, 2]
+    assert calls[0][1] == rounds[:1] and calls[1][1] == rounds and calls[1][2] == {"r": 1}
+    single = lambda text: Instance(request_type="generate_until", idx=0, metadata={"task": TASK, "doc_id": 0, "repeats": 1},  # noqa: E731
+                                   arguments=(text, gen, utils.doc_to_visual, 0, TASK, "test"))
+    assert rounds == lm.generate_until([single(utils.doc_to_text(items[0])), single("how many objects are there ?")])
