@@ -30,6 +30,7 @@ from torch import Tensor
 
 from vlmprune.methods.draft import DraftHead, draft_context, draft_loss, save_draft
 
+from .builtin_data import add_run_args
 from .loop import LoopConfig, train_loop
 
 #: one distilled sample: decoder ids (n,), features (n, H), visual mask (n,), answer mask (n,)
@@ -209,11 +210,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--noise", type=float, default=0.2, help="input-feature noise scale (EAGLE's 0.2)")
     p.add_argument("--depth", type=int, default=4, help="draft depth of the held-out acceptance report")
     p.add_argument("--eval-prompts", type=int, default=8)
-    p.add_argument("--minutes", type=float, default=None, help="stop training after this many minutes")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--no-resume", action="store_true", help="start afresh even if a resume state exists")
+    add_run_args(p)
     return p
 
 

@@ -27,10 +27,8 @@ from torch import Tensor, nn
 import vlmprune
 from vlmprune.methods.dyvte import DyVTEConfig, ExitGates, exit_labels, gate_features, save_gates
 
+from .builtin_data import Batch, add_run_args, answer_batches
 from .loop import LoopConfig, train_loop
-
-#: a batch: model inputs (left-padded, answers last) and the number of answer tokens per sample
-Batch = tuple[dict[str, Tensor], Tensor]
 
 
 def answer_labels(input_ids: Tensor, answer_len: Tensor) -> Tensor:
@@ -79,34 +77,7 @@ def gate_step(model: Any, adapter: Any, gates: ExitGates, batch: Batch, layer: i
 def builtin_batches(processor: Any, batch_size: int, seed: int, split: str = "train",
                     video_share: float = 0.3) -> Callable[[int], Batch]:
     """Batch ``step`` of built-in questions and captions with their answers (deterministic)."""
-    from vlmprune.evals import builtin, data
-
-    eos = processor.tokenizer.eos_token
-
-    def make(step: int) -> Batch:
-        rng = np.random.default_rng(seed * 1_000_003 + step)
-        prompts, images, lengths = [], [], []
-        for i in range(batch_size):
-            index = 500_000 + step * batch_size + i  # far from the samples the model was trained on first
-            if rng.random() < video_share:
-                clip = data.make_video(split, index % 999_999)
-                imgs = data.mosaic(clip.frames)
-                if rng.random() < 0.3:
-                    words, answer = list(builtin.CAPTION_WORDS), clip.caption.split()
-                else:
-                    q = clip.questions[int(rng.integers(len(clip.questions)))]
-                    words, answer = list(q.words), [q.answer]
-            else:
-                sample = data.make_image(split, index % 999_999)
-                imgs = [sample.image]
-                q = sample.questions[int(rng.integers(len(sample.questions)))]
-                words, answer = list(q.words), [q.answer]
-            prompts.append(builtin.image_prompt(words + answer + [eos], len(imgs)))
-            images.append(imgs)
-            lengths.append(len(answer) + 1)
-        return builtin.encode(processor, prompts, images), torch.tensor(lengths)
-
-    return make
+    return answer_batches(processor, batch_size, seed, split=split, video_share=video_share)
 
 
 def jsonl_batches(processor: Any, path: str | Path, batch_size: int, seed: int) -> Callable[[int], Batch]:
@@ -219,12 +190,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--lr", type=float, default=1e-3, help="the reference uses 6e-5 for 7B/13B models at batch 128")
     p.add_argument("--width", type=int, default=2048, help="router hidden width (the reference: 2048)")
-    p.add_argument("--minutes", type=float, default=None, help="stop after this many minutes")
     p.add_argument("--eval-batches", type=int, default=8, help="held-out batches for the exit report")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--no-resume", action="store_true", help="start afresh even if a resume state exists")
+    add_run_args(p)
     return p
 
 

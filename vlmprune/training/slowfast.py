@@ -31,10 +31,9 @@ import vlmprune
 from vlmprune.hybrid_layers import LoRA, save_adapter
 from vlmprune.methods.slowfast import SlowFastConfig
 
+from .builtin_data import Batch, add_run_args, answer_batches
 from .gates import answer_labels, jsonl_batches, load_model
 from .loop import LoopConfig, train_loop
-
-Batch = tuple[dict[str, Tensor], Tensor]
 
 
 def full_labels(input_ids: Tensor, answer_len: Tensor) -> Tensor:
@@ -48,27 +47,8 @@ def full_labels(input_ids: Tensor, answer_len: Tensor) -> Tensor:
 def builtin_video_batches(processor: Any, batch_size: int, seed: int, split: str = "train",
                           caption_share: float = 0.3) -> Callable[[int], Batch]:
     """Batch ``step`` of built-in clips (mosaics) with a question or the caption as the answer."""
-    from vlmprune.evals import builtin, data
-
-    eos = processor.tokenizer.eos_token
-
-    def make(step: int) -> Batch:
-        rng = np.random.default_rng(seed * 1_000_003 + step)
-        prompts, images, lengths = [], [], []
-        for i in range(batch_size):
-            clip = data.make_video(split, (300_000 + step * batch_size + i) % 999_999)
-            if rng.random() < caption_share:
-                words, answer = list(builtin.CAPTION_WORDS), clip.caption.split()
-            else:
-                q = clip.questions[int(rng.integers(len(clip.questions)))]
-                words, answer = list(q.words), [q.answer]
-            imgs = data.mosaic(clip.frames)
-            prompts.append(builtin.image_prompt(words + answer + [eos], len(imgs)))
-            images.append(imgs)
-            lengths.append(len(answer) + 1)
-        return builtin.encode(processor, prompts, images), torch.tensor(lengths)
-
-    return make
+    return answer_batches(processor, batch_size, seed, split=split, video_share=1.0,
+                          caption_share=caption_share, offset=300_000)
 
 
 def sf_config(args: argparse.Namespace, adapter: str | None = None, **extra: Any) -> SlowFastConfig:
@@ -173,14 +153,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mosaic", type=int, default=2, help="frames per mosaic side (the built-in videos: 2)")
     p.add_argument("--lora-rank", type=int, default=0, help="LoRA rank on the LLM's q/v projections (0: none)")
     p.add_argument("--lora-alpha", type=float, default=16.0)
-    p.add_argument("--minutes", type=float, default=None, help="stop after this many minutes")
     p.add_argument("--eval-batches", type=int, default=8, help="held-out batches for the report")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--seed", type=int, default=0)
     p.add_argument("--resume-file", default=None,
                    help="resume state (optimiser, step, RNG); default <output>/train-state.pt, keep it out of a shipped adapter directory")
-    p.add_argument("--no-resume", action="store_true", help="start afresh even if a resume state exists")
+    add_run_args(p)
     return p
 
 
