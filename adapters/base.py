@@ -51,12 +51,16 @@ class PostMergeLayout:
     groups, e.g. Qwen2-VL; after InternVL's pixel shuffle): ``rounds`` bipartite rounds per image / tile,
     no [CLS]. ``module``: whose output holds the tokens (None: the vision tower's ``pooler_output``, packed
     along dim 0; a module returning a (groups, tokens, dim) tensor, e.g. InternVL's projector).
-    ``group_sizes(inputs)``: tokens per image / tile in this call (None: Qwen2-VL's ``image_grid_thw``)."""
+    ``group_sizes(inputs)``: tokens per image / tile in this call (None: Qwen2-VL's ``image_grid_thw``).
+    For calibration without a prompt, layouts with fixed-size groups also give ``tokens`` (per group)
+    and ``features(pixel_values)`` ((groups, tokens, dim) merge inputs)."""
 
     rounds: int
     merge_size: int
     module: nn.Module | None = None
     group_sizes: Callable[[dict[str, Any]], list[int]] | None = None
+    tokens: int | None = None
+    features: Callable[[Any], Any] | None = None
 
 
 class Adapter:

@@ -99,7 +99,17 @@ class InternVLAdapter(Adapter):
         from .base import PostMergeLayout
 
         return PostMergeLayout(rounds=3, merge_size=1, module=self.inner.multi_modal_projector,
-                               group_sizes=self.tile_sizes)
+                               group_sizes=self.tile_sizes, tokens=int(self.config.image_seq_length),
+                               features=self.tile_features)
+
+    def tile_features(self, pixel_values: Tensor) -> Tensor:
+        """(tiles, tokens, dim): the projector's output per tile, what the stock model feeds the LLM."""
+        cfg = self.config
+        out = self.inner.get_image_features(
+            pixel_values=pixel_values, vision_feature_layer=cfg.vision_feature_layer,
+            vision_feature_select_strategy=cfg.vision_feature_select_strategy,
+        )
+        return getattr(out, "pooler_output", out)
 
     def tile_sizes(self, inputs: dict[str, Any]) -> list[int]:
         """LLM tokens per tile of this call, tiles in ``pixel_values`` order."""

@@ -75,8 +75,8 @@ def _protected(layout: Any) -> int:
 def patch_count(model: Any, image_grid_thw: Tensor | None = None) -> int:
     """Tokens per image before merging (Qwen2-VL: the mean over the calibration images' grids)."""
     _, layout = _layout(model)
-    if _is_post(layout) and getattr(layout, "group_sizes", None) is not None:  # InternVL: fixed tokens per tile
-        return int(model.config.image_seq_length)
+    if _is_post(layout) and layout.tokens is not None:  # fixed tokens per group (InternVL tiles)
+        return int(layout.tokens)
     if _is_post(layout):
         if image_grid_thw is None:
             raise ValueError("vlmprune: Qwen2-VL calibration needs image_grid_thw with the pixel values")
@@ -124,16 +124,11 @@ def _runs(model: Any, batches: list[Any], rule: Any) -> Iterable[tuple[int, Enco
     """(images, run) per batch, with ``rule`` deciding every block's / round's merges."""
     adapter, layout = _layout(model)
     param = next(model.parameters())
-    if _is_post(layout) and getattr(layout, "group_sizes", None) is not None:  # InternVL: per tile
+    if _is_post(layout) and layout.features is not None:  # fixed-size groups (InternVL tiles)
         from .methods.dymu import post_merge
 
-        cfg = model.config
         for pv in batches:
-            out = adapter.inner.get_image_features(
-                pixel_values=pv.to(param.device, param.dtype), vision_feature_layer=cfg.vision_feature_layer,
-                vision_feature_select_strategy=cfg.vision_feature_select_strategy,
-            )
-            feats = getattr(out, "pooler_output", out)
+            feats = layout.features(pv.to(param.device, param.dtype))
             sizes = [int(feats.shape[1])] * int(feats.shape[0])
             yield len(sizes), post_merge(feats.reshape(-1, feats.shape[-1]), sizes, layout.rounds, rule)[1]
         return
