@@ -202,7 +202,7 @@ def main(argv: list[str] | None = None, prog: str = "vlmprune-eval") -> int:
             )
         if lmms_tasks:
             cells = harness.grid(args.method, args.ratio, exit_layers, gates, _split(args.preset),
-                                 _split(args.slowfast_mode), harness.slowfast_extra(em))
+                                 _split(args.slowfast_mode), harness.method_extras(em))
             rows += lmms_runner.run_lmms(
                 em, lmms_tasks, cells, limit=args.limit, batch_size=args.batch_size, seed=args.seed,
                 positions=args.positions, progress=False if args.no_progress else None,

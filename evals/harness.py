@@ -625,11 +625,14 @@ FLASH_DRAFT_DIR = "flash-draft"
 def grid(
     methods: Sequence[str], ratios: Sequence[float], exit_layers: Sequence[int] = (), gates: str | None = None,
     presets: Sequence[str] = DYMU_PRESETS, slowfast_modes: Sequence[str] = tuple(SLOWFAST_CELLS),
-    slowfast_extra: dict[str, Any] | None = None,
+    extras: dict[str, dict[str, Any]] | None = None,
 ) -> list[GridCell]:
     """Cells: ``none`` once, every pruning method at every ratio, ``dyvte`` at every fixed exit
-    layer and with ``gates`` (when given), ``dymu`` per preset, ``slowfast`` per mode (with
-    ``slowfast_extra`` options, e.g. the built-in model's mosaic layout and trained adapter)."""
+    layer and with ``gates`` (when given), ``dymu`` per preset, ``slowfast`` per mode, ``flash``
+    once, stacks (``a+b``) at every ratio. ``extras``: per method, options this model needs (see
+    :func:`method_extras`: the built-in model's mosaic layout, its shipped adapter and draft)."""
+    extras = extras or {}
+    flash = tuple(extras.get("flash", {}).items())
     cells: list[GridCell] = []
     for m in methods:
         if m == "none":
@@ -643,17 +646,16 @@ def grid(
         elif m == "dymu":
             cells += [GridCell(m, None, (("preset", p),)) for p in presets]
         elif m == "flash":
-            cells.append(GridCell(m, 0.0, tuple((slowfast_extra or {}).get("_flash", {}).items())))
+            cells.append(GridCell(m, 0.0, flash))
         elif m == "slowfast":
             for mode in slowfast_modes:
                 if mode not in SLOWFAST_CELLS:
                     raise ValueError(f"unknown slow-fast mode {mode!r}; modes: {', '.join(SLOWFAST_CELLS)}")
-                opts = {**SLOWFAST_CELLS[mode], **{k: v for k, v in (slowfast_extra or {}).items() if k != "_flash"}}
+                opts = {**SLOWFAST_CELLS[mode], **extras.get("slowfast", {})}
                 if mode != "hybrid":
                     opts.pop("adapter", None)
                 cells.append(GridCell(m, None, tuple(opts.items())))
         elif "+" in m:  # a stack, e.g. fastervlm+flash: the pruning part at every ratio
-            flash = tuple((slowfast_extra or {}).get("_flash", {}).items())
             cells += [GridCell(m, float(r), flash if "flash" in m.split("+") else ()) for r in ratios]
         else:
             cells += [GridCell(m, float(r)) for r in ratios]
@@ -671,16 +673,16 @@ def _configs(spec: GridCell, seed: int, positions: str | None) -> list[Any]:
     return out
 
 
-def slowfast_extra(em: EvalModel) -> dict[str, Any]:
-    """Options slow-fast needs on this model: the built-in model's mosaic layout and its adapter."""
-    extra: dict[str, Any] = {}
-    if em.builtin:
-        extra["mosaic"] = 2
+def method_extras(em: EvalModel) -> dict[str, dict[str, Any]]:
+    """Per method, the options this model needs: slow-fast gets the built-in model's mosaic layout
+    and the trained adapter shipped next to the checkpoint, FLASH the shipped draft."""
+    slowfast: dict[str, Any] = {"mosaic": 2} if em.builtin else {}
+    extras: dict[str, dict[str, Any]] = {"slowfast": slowfast}
     if em.path is not None and (Path(em.path) / SLOWFAST_ADAPTER_DIR).exists():
-        extra["adapter"] = str(Path(em.path) / SLOWFAST_ADAPTER_DIR)
+        slowfast["adapter"] = str(Path(em.path) / SLOWFAST_ADAPTER_DIR)
     if em.path is not None and (Path(em.path) / FLASH_DRAFT_DIR).exists():
-        extra["_flash"] = {"draft": str(Path(em.path) / FLASH_DRAFT_DIR)}
-    return extra
+        extras["flash"] = {"draft": str(Path(em.path) / FLASH_DRAFT_DIR)}
+    return extras
 
 
 def _batched(items: Sequence[Item], size: int) -> Iterator[list[Item]]:
@@ -716,7 +718,7 @@ def run_eval(
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
     directory = Path(data_dir if data_dir is not None else DEFAULT_VIDEO_DIR).expanduser()
-    cells = grid(methods, ratios, exit_layers, gates, presets, slowfast_modes, slowfast_extra(em))
+    cells = grid(methods, ratios, exit_layers, gates, presets, slowfast_modes, method_extras(em))
     torch.manual_seed(seed)
     task_objs = [TASKS[name]() for name in tasks]
     loaded = [(t, t.load(limit if limit is not None else DEFAULT_LIMITS.get(t.name, 100), directory)) for t in task_objs]
