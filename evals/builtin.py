@@ -52,13 +52,18 @@ def vocabulary() -> list[str]:
 
 
 def build_tokenizer() -> Any:
-    """Word-level tokenizer: one token per word, so each answer is a single token."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
+    """Word-level tokenizer: one token per word, so each answer is a single token. Every encoded
+    text starts with ``<s>``, as Llama tokenizers do: the LM needs that fixed first token as an
+    attention sink, or a question whose answer depends on whether something is in the image
+    ("is there a red circle?") has nothing to attend to when it is not, and never trains."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
     vocab = {w: i for i, w in enumerate(vocabulary())}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    bos = vocab["<s>"]
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A $B", special_tokens=[("<s>", bos)])
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>",
         padding_side="left",

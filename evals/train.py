@@ -7,10 +7,18 @@ Two stages, as CLIP-then-LLaVA training does, sized for a 2-core CPU:
    layer (which shape-colour pairs are present, how many objects) make [CLS] summarise the scene,
    as contrastive pre-training does for CLIP, so its attention has a reason to land on objects.
    Video mosaics (four 112 px frames tiled in one image) are mixed in.
-2. Vision frozen; projector and LM trained on several question/answer turns per image (loss on
-   the answer words and the end token only) and on video questions and captions.
+   Stage 1b adds per-patch heads for the patch's grid row and column, the object's size and its
+   (shape, colour) pair. Without them a patch feature does not say where it is (a linear probe
+   read row and column at chance), so "left of", "above", "small or large" and a clip's
+   direction of motion were unanswerable for an LM that only sees the features.
+2. Vision frozen; projector and LM trained on many question/answer turns per image (loss on the
+   answer words and the end token only) and on video questions and captions. The tower's features
+   are computed once for a fixed pool of train scenes (it is frozen), and the first part of stage
+   2 shows the LM only the object patches plus a few random background patches, at their
+   original positions: a curriculum that makes each step several times cheaper and lets the LM
+   learn to bind a question's words to object tokens before it has to find them among 256.
 
-Data are generated on the fly from the train split's seeds; nothing is downloaded.
+Data are generated from the train split's seeds; nothing is downloaded.
 """
 
 from __future__ import annotations
@@ -18,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +34,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from tqdm.auto import tqdm
 
 from vlmprune.training import LoopConfig, train_loop
 
@@ -65,6 +75,29 @@ class VisionHeads(nn.Module):
         self.cls_count = nn.Linear(hidden, 6)  # 0..5 objects (mosaics: 0..2 per frame summed)
 
 
+class PlaceHeads(nn.Module):
+    """Stage-1b per-patch heads: grid row and column, object size (0 background, 1 small, 2
+    large) and (shape, colour) pair (0 background, 1 + shape * colours + colour)."""
+
+    def __init__(self, hidden: int) -> None:
+        super().__init__()
+        self.row = nn.Linear(hidden, data.GRID)
+        self.col = nn.Linear(hidden, data.GRID)
+        self.size = nn.Linear(hidden, len(data.SIZES) + 1)
+        self.pair = nn.Linear(hidden, len(data.SHAPES) * len(data.COLORS) + 1)
+
+
+def size_labels(sample: data.ImageSample) -> np.ndarray:
+    """(GRID * GRID,) int64 per-patch size ids of an image (0 on background patches)."""
+    shapes, _ = sample.patch_labels()
+    out = np.zeros((data.GRID, data.GRID), np.int64)
+    for o in sample.objects:
+        side = data.IMAGE_SIZE_PX[o.size] // data.PATCH
+        out[o.row : o.row + side, o.col : o.col + side] = 1 + data.SIZES.index(o.size)
+    out[shapes == 0] = 0
+    return out.reshape(-1)
+
+
 def pair_targets(objects: tuple[data.Obj, ...]) -> np.ndarray:
     """Multi-hot (shape, colour) presence: what the [CLS] head must read off the scene."""
     pair = np.zeros(len(data.SHAPES) * len(data.COLORS), dtype=np.float32)
@@ -73,10 +106,12 @@ def pair_targets(objects: tuple[data.Obj, ...]) -> np.ndarray:
     return pair
 
 
-def vision_batch(step: int, batch: int, video_share: float) -> dict[str, Any]:
-    rng = np.random.default_rng(step)
-    images, shapes, colors, pairs, counts = [], [], [], [], []
-    index = step * batch
+def vision_batch(step: int, batch: int, video_share: float, offset: int = 0) -> dict[str, Any]:
+    """A stage-1 batch; ``offset`` moves stage 1b onto scenes stage 1 did not see. ``size`` is -100
+    (ignored) on video mosaics, whose objects are not patch-aligned."""
+    rng = np.random.default_rng(step + offset)
+    images, shapes, colors, pairs, counts, sizes = [], [], [], [], [], []
+    index = step * batch + offset
     while len(images) < batch:
         index += 1
         if rng.random() < video_share:
@@ -89,6 +124,7 @@ def vision_batch(step: int, batch: int, video_share: float) -> dict[str, Any]:
                 colors.append(c)
                 pairs.append(pair_targets(clip.objects))
                 counts.append(len(clip.objects))
+                sizes.append(np.full(data.GRID * data.GRID, -100, np.int64))
         else:
             sample = data.make_image("train", index)
             s, c = sample.patch_labels()
@@ -97,8 +133,10 @@ def vision_batch(step: int, batch: int, video_share: float) -> dict[str, Any]:
             colors.append(c)
             pairs.append(pair_targets(sample.objects))
             counts.append(len(sample.objects))
-    images, shapes, colors, pairs, counts = (x[:batch] for x in (images, shapes, colors, pairs, counts))
+            sizes.append(size_labels(sample))
+    images, shapes, colors, pairs, counts, sizes = (x[:batch] for x in (images, shapes, colors, pairs, counts, sizes))
     return {
+        "size": torch.from_numpy(np.stack(sizes)),
         "pixel_values": to_pixels(images),
         "shape": torch.from_numpy(np.stack(shapes)).long().flatten(1),
         "color": torch.from_numpy(np.stack(colors)).long().flatten(1),
@@ -132,8 +170,34 @@ def train_vision(model: Any, args: argparse.Namespace, resume_dir: Path | None) 
         resume_file=resume_dir / "vision.pt" if resume_dir else None, desc="stage 1: vision",
     )
     result = train_loop({"tower": tower, "heads": heads}, [*tower.parameters(), *heads.parameters()], step_fn, cfg)
+    place = PlaceHeads(tower.config.hidden_size)
+    grid = torch.arange(data.GRID * data.GRID)
+
+    def place_step(step: int) -> tuple[Tensor, dict[str, float]]:
+        b = vision_batch(step, args.vision_batch, args.video_share, offset=500_000)
+        feats = tower(b["pixel_values"], output_hidden_states=True).hidden_states[layer][:, 1:]
+        n = feats.shape[0]
+        pair = torch.where(b["shape"] > 0, (b["shape"] - 1) * len(data.COLORS) + b["color"], 0)
+        loss = (
+            F.cross_entropy(heads.patch_shape(feats).flatten(0, 1), b["shape"].flatten(), weight=_bg_weight(5))
+            + F.cross_entropy(heads.patch_color(feats).flatten(0, 1), b["color"].flatten(), weight=_bg_weight(7))
+            + F.cross_entropy(place.row(feats).flatten(0, 1), (grid // data.GRID).repeat(n))
+            + F.cross_entropy(place.col(feats).flatten(0, 1), (grid % data.GRID).repeat(n))
+            + F.cross_entropy(place.size(feats).flatten(0, 1), b["size"].flatten(), weight=_bg_weight(3))
+            + F.cross_entropy(place.pair(feats).flatten(0, 1), pair.flatten(), weight=_bg_weight(25))
+        )
+        with torch.no_grad():
+            col = (place.col(feats).argmax(-1) == grid % data.GRID).float().mean()
+        return loss, {"col_acc": float(col)}
+
+    cfg_b = LoopConfig(
+        steps=args.place_steps, lr=1e-3, warmup=20, seed=args.seed + 2, max_minutes=args.place_minutes,
+        resume_file=resume_dir / "vision_place.pt" if resume_dir else None, desc="stage 1b: place heads",
+    )
+    modules = {"tower": tower, "heads": heads, "place": place}
+    result_b = train_loop(modules, [*tower.parameters(), *heads.parameters(), *place.parameters()], place_step, cfg_b)
     tower.eval()
-    return result
+    return result | {"place": {k: v for k, v in result_b.items() if k != "history"} | {"last": result_b["history"][-1:]}}
 
 
 def _bg_weight(n: int) -> Tensor:
@@ -145,67 +209,154 @@ def _bg_weight(n: int) -> Tensor:
 # -- stage 2 ---------------------------------------------------------------------------------------
 
 
-def _turns(questions: tuple[data.Question, ...], caption: str | None, rng: np.random.Generator, max_q: int) -> list[tuple[list[str], list[str]]]:
-    qs = list(questions)
-    rng.shuffle(qs)
-    turns = [(list(q.words), [q.answer]) for q in qs[:max_q]]
-    if caption is not None:
-        turns.insert(int(rng.integers(0, len(turns) + 1)), (list(builtin.CAPTION_WORDS), caption.split()))
-    return turns
+@dataclass
+class FeatureCache:
+    """Frozen-tower features of a fixed pool of train scenes (stage 2 never changes the tower, so
+    computing them once saves a third of every step), with each scene's object-patch mask for the
+    curriculum. Features are bf16: 8000 images and 2500 clips hold about 850 MB."""
+
+    images: list[data.ImageSample]
+    image_feats: Tensor  # (N, 256, hidden) bf16
+    image_objects: Tensor  # (N, 256) bool
+    clips: list[data.VideoSample]
+    clip_feats: Tensor  # (M, 512, hidden) bf16
+    clip_objects: Tensor  # (M, 512) bool
 
 
-def lm_batch(step: int, batch: int, video_share: float, tok: Any, image_token_id: int) -> dict[str, Tensor]:
-    """Right-padded multi-turn sequences; labels only on answers and their end token."""
+@torch.no_grad()
+def build_feature_cache(tower: Any, layer: int, n_images: int, n_clips: int, batch: int = 32) -> FeatureCache:
+    images = [data.make_image("train", i) for i in range(n_images)]
+    clips = [data.make_video("train", i) for i in range(n_clips)]
+    pictures = [s.image for s in images] + [tile for c in clips for tile in data.mosaic(c.frames)]
+    feats = []
+    for i in tqdm(range(0, len(pictures), batch), desc="stage 2: caching tower features", dynamic_ncols=True):
+        out = tower(to_pixels(pictures[i : i + batch]), output_hidden_states=True).hidden_states[layer][:, 1:]
+        feats.append(out.to(torch.bfloat16))
+    allf = torch.cat(feats) if feats else torch.zeros(0, data.GRID * data.GRID, tower.config.hidden_size, dtype=torch.bfloat16)
+    hidden = allf.shape[-1]
+    img_obj = [torch.from_numpy(s.patch_labels()[0].reshape(-1) > 0) for s in images]
+    clip_obj = [torch.from_numpy(mosaic_labels(c)[0].reshape(-1) > 0) for c in clips]
+    tokens = data.GRID * data.GRID
+    return FeatureCache(
+        images, allf[:n_images], torch.stack(img_obj) if img_obj else torch.zeros(0, tokens, dtype=torch.bool),
+        clips, allf[n_images:].reshape(n_clips, 2 * tokens, hidden),
+        torch.stack(clip_obj) if clip_obj else torch.zeros(0, 2 * tokens, dtype=torch.bool),
+    )
+
+
+def _pick(rng: np.random.Generator, qtype: str, pool: list[data.Question]) -> data.Question:
+    if qtype in ("relation", "exist"):
+        return data._pick_balanced(rng, pool)  # yes/no drawn 50/50 first
+    return pool[int(rng.integers(len(pool)))]
+
+
+#: The two-object and conjunction types, which the LM learns last: the extra turns of an image go to them.
+HARD_TYPES = ("relation", "exist")
+
+
+def image_turns(sample: data.ImageSample, rng: np.random.Generator, n: int) -> list[tuple[list[str], list[str]]]:
+    """``n`` question/answer turns drawn afresh from the image's whole candidate pool: every
+    applicable type once, then :data:`HARD_TYPES`, so a scene seen again asks new questions."""
+    cands = {t: pool for t, pool in data.image_question_candidates(sample.objects).items() if pool}
+    types = list(cands)
+    chosen = [_pick(rng, t, cands[t]) for t in types]
+    extra = [t for t in HARD_TYPES if t in cands] or types
+    while len(chosen) < n:
+        t = extra[int(rng.integers(len(extra)))]
+        chosen.append(_pick(rng, t, cands[t]))
+    order = rng.permutation(len(chosen))[:n]
+    return [(list(chosen[i].words), [chosen[i].answer]) for i in order]
+
+
+def clip_turns(clip: data.VideoSample, rng: np.random.Generator) -> list[tuple[list[str], list[str]]]:
+    """One question of each applicable video type, drawn afresh, plus the caption, in random order."""
+    cands = {t: pool for t, pool in data.video_question_candidates(clip.objects, clip.motions, clip.appear).items() if pool}
+    turns = [(list(q.words), [q.answer]) for q in (_pick(rng, t, p) for t, p in cands.items())]
+    turns.append((list(builtin.CAPTION_WORDS), clip.caption.split()))
+    order = rng.permutation(len(turns))
+    return [turns[i] for i in order]
+
+
+def lm_batch(step: int, cache: FeatureCache, batch: int, video_share: float, turns: int, tok: Any,
+             image_token_id: int, keep_background: int | None = None) -> dict[str, Tensor]:
+    """Right-padded multi-turn sequences over cached features; labels only on answers and their
+    end token; each row starts with ``<s>`` like a processor-encoded prompt. ``keep_background``
+    (the curriculum): keep the object patches and that many random background patches per image,
+    at their original positions (text positions continue after the full visual span, as in an
+    unpruned sequence)."""
     rng = np.random.default_rng(10_000_000 + step)
-    rows, labels, images = [], [], []
+    rows, labels, positions, feats = [], [], [], []
     eos = tok.eos_token_id
-    for i in range(batch):
-        index = step * batch + i
-        if rng.random() < video_share:
-            clip = data.make_video("train", index)
-            imgs = data.mosaic(clip.frames)
-            turns = _turns(clip.questions, clip.caption, rng, 2)
+    for _ in range(batch):
+        if len(cache.clips) and (rng.random() < video_share or not len(cache.images)):
+            j = int(rng.integers(len(cache.clips)))
+            f, objects, qa = cache.clip_feats[j], cache.clip_objects[j], clip_turns(cache.clips[j], rng)
         else:
-            sample = data.make_image("train", index)
-            imgs = [sample.image]
-            turns = _turns(sample.questions, None, rng, 4)
-        ids = [image_token_id] * (data.GRID * data.GRID * len(imgs))
+            j = int(rng.integers(len(cache.images)))
+            f, objects, qa = cache.image_feats[j], cache.image_objects[j], image_turns(cache.images[j], rng, turns)
+        full = f.shape[0]
+        if keep_background is None:
+            keep = torch.arange(full)
+        else:
+            background = torch.nonzero(~objects).flatten()
+            extra = background[torch.from_numpy(rng.permutation(len(background))[:keep_background])]
+            keep = torch.sort(torch.cat([torch.nonzero(objects).flatten(), extra])).values
+        ids = [tok.bos_token_id] + [image_token_id] * len(keep)  # as the processor encodes a prompt
         lab = [-100] * len(ids)
-        for q, a in turns:
+        for q, a in qa:
             q_ids = tok.convert_tokens_to_ids(q)
             a_ids = tok.convert_tokens_to_ids(a) + [eos]
             ids += q_ids + a_ids
             lab += [-100] * len(q_ids) + a_ids
         rows.append(ids)
         labels.append(lab)
-        images.extend(imgs)
+        positions.append([0] + (keep + 1).tolist() + list(range(full + 1, full + len(ids) - len(keep))))
+        feats.append(f[keep])
     width = max(len(r) for r in rows)
     input_ids = torch.full((batch, width), tok.pad_token_id)
     label_t = torch.full((batch, width), -100)
     mask = torch.zeros((batch, width), dtype=torch.long)
-    for i, (r, lab) in enumerate(zip(rows, labels)):
+    pos = torch.zeros((batch, width), dtype=torch.long)
+    for i, (r, lab, p) in enumerate(zip(rows, labels, positions)):
         input_ids[i, : len(r)] = torch.tensor(r)
         label_t[i, : len(r)] = torch.tensor(lab)
         mask[i, : len(r)] = 1
-    return {"input_ids": input_ids, "attention_mask": mask, "labels": label_t, "pixel_values": to_pixels(images)}
+        pos[i, : len(r)] = torch.tensor(p)
+    return {"input_ids": input_ids, "attention_mask": mask, "labels": label_t, "position_ids": pos,
+            "image_features": torch.cat(feats)}
+
+
+def _embed(model: Any, input_ids: Tensor, image_features: Tensor) -> Tensor:
+    """The LLaVA input embedding (projected features at the image-token slots) from cached features."""
+    embeds = model.get_input_embeddings()(input_ids)
+    projected = model.model.multi_modal_projector(image_features.to(embeds.dtype))
+    slots = (input_ids == model.config.image_token_id).unsqueeze(-1)
+    return embeds.masked_scatter(slots, projected.to(embeds.dtype))
 
 
 def train_language(model: Any, processor: Any, args: argparse.Namespace, resume_dir: Path | None) -> dict[str, Any]:
     tok = processor.tokenizer
-    model.model.vision_tower.requires_grad_(False)
-    model.model.vision_tower.eval()
+    tower = model.model.vision_tower
+    tower.requires_grad_(False)
+    tower.eval()
+    cache = build_feature_cache(tower, model.config.vision_feature_layer, args.cache_images, args.cache_clips)
     trainable = [*model.model.multi_modal_projector.parameters(), *model.model.language_model.parameters(),
                  *model.lm_head.parameters()]
+    short_steps = int(args.lm_steps * args.curriculum_share)
 
     def step_fn(step: int) -> tuple[Tensor, dict[str, float]]:
-        b = lm_batch(step, args.lm_batch, args.video_share, tok, model.config.image_token_id)
-        out = model(**b)
+        keep = args.keep_background if step < short_steps else None
+        b = lm_batch(step, cache, args.lm_batch, args.video_share, args.turns, tok, model.config.image_token_id, keep)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16 and b["input_ids"].device.type == "cpu"):
+            embeds = _embed(model, b["input_ids"], b["image_features"])
+            out = model(inputs_embeds=embeds, attention_mask=b["attention_mask"], position_ids=b["position_ids"],
+                        labels=b["labels"])
         with torch.no_grad():
             pred = out.logits[:, :-1].argmax(-1)
             gold = b["labels"][:, 1:]
             sel = gold != -100
             acc = (pred[sel] == gold[sel]).float().mean()
-        return out.loss, {"answer_token_acc": float(acc)}
+        return out.loss.float(), {"answer_token_acc": float(acc)}
 
     model.model.multi_modal_projector.train()
     model.model.language_model.train()
@@ -253,10 +404,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--vision-batch", type=int, default=16)
     p.add_argument("--vision-lr", type=float, default=2e-3)
     p.add_argument("--vision-minutes", type=float, default=15.0)
-    p.add_argument("--lm-steps", type=int, default=6000)
+    p.add_argument("--place-steps", type=int, default=300, help="stage 1b: row/column/size/pair heads")
+    p.add_argument("--place-minutes", type=float, default=3.0)
+    p.add_argument("--lm-steps", type=int, default=5000)
     p.add_argument("--lm-batch", type=int, default=16)
     p.add_argument("--lm-lr", type=float, default=1.5e-3)
-    p.add_argument("--lm-minutes", type=float, default=29.0)
+    p.add_argument("--lm-minutes", type=float, default=26.0, help="time cap of stage 2 (a guard; the steps should fit)")
+    p.add_argument("--turns", type=int, default=10, help="question/answer turns per training image")
+    p.add_argument("--cache-images", type=int, default=8000, help="train images whose tower features stage 2 caches")
+    p.add_argument("--cache-clips", type=int, default=2500, help="train clips whose tower features stage 2 caches")
+    p.add_argument("--curriculum-share", type=float, default=0.5,
+                   help="share of stage-2 steps that see only object patches plus --keep-background others")
+    p.add_argument("--keep-background", type=int, default=16)
+    p.add_argument("--no-bf16", dest="bf16", action="store_false", help="stage 2 in fp32 instead of bf16 autocast")
     p.add_argument("--video-share", type=float, default=0.3, help="share of video clips in the batches")
     p.add_argument("--eval-samples", type=int, default=200)
     p.add_argument("--resume-dir", default=None, help="resumable training state (default: <output>/../train-state)")
@@ -280,7 +440,7 @@ def main(argv: list[str] | None = None) -> int:
     builtin.save_builtin(model, processor, out)
     log = {
         "seed": args.seed, "minutes": round(minutes, 1), "threads": torch.get_num_threads(),
-        "training_minutes": round(stage1["minutes"] + stage2["minutes"], 1),
+        "training_minutes": round(stage1["minutes"] + stage1["place"]["minutes"] + stage2["minutes"], 1),
         "stage1": {k: v for k, v in stage1.items() if k != "history"} | {"last": stage1["history"][-1:]},
         "stage2": {k: v for k, v in stage2.items() if k != "history"} | {"last": stage2["history"][-1:]},
         "val_accuracy": accuracy, "args": vars(args),

@@ -74,8 +74,9 @@ def test_training_smoke_run_saves_a_loadable_checkpoint(tmp_path):
     out = tmp_path / "ckpt"
     with torch.enable_grad():
         rc = train.main([
-            "--output", str(out), "--vision-steps", "2", "--lm-steps", "2", "--vision-batch", "2",
-            "--lm-batch", "2", "--eval-samples", "2", "--resume-dir", str(tmp_path / "state"), "--threads", "1",
+            "--output", str(out), "--vision-steps", "2", "--place-steps", "2", "--lm-steps", "2",
+            "--vision-batch", "2", "--lm-batch", "2", "--eval-samples", "2", "--resume-dir", str(tmp_path / "state"),
+            "--threads", "1", "--cache-images", "3", "--cache-clips", "2", "--curriculum-share", "0.5",
         ])
     assert rc == 0
     model, processor = builtin.load_builtin(out)
@@ -83,3 +84,68 @@ def test_training_smoke_run_saves_a_loadable_checkpoint(tmp_path):
     # resuming a finished run is a no-op that keeps the step count
     state = torch.load(tmp_path / "state" / "language.pt", weights_only=False)
     assert state["step"] == 2
+
+
+@pytest.fixture(scope="module")
+def tiny_cache():
+    model, processor = builtin.build_untrained()
+    cache = train.build_feature_cache(model.model.vision_tower, model.config.vision_feature_layer, 6, 3)
+    return model, processor, cache
+
+
+def test_feature_cache_equals_the_towers_features(tiny_cache):
+    model, processor, cache = tiny_cache
+    assert cache.image_feats.shape == (6, 256, 128) and cache.clip_feats.shape == (3, 512, 128)
+    ref = model.model.get_image_features(pixel_values=train.to_pixels([cache.images[1].image]))
+    ref = ref.pooler_output if hasattr(ref, "pooler_output") else ref
+    ref = ref[0] if isinstance(ref, (list, tuple)) else ref
+    projected = model.model.multi_modal_projector(cache.image_feats[1:2].float())
+    torch.testing.assert_close(projected.reshape(ref.shape), ref, atol=0.05, rtol=0.05)  # bf16 cache
+    assert cache.image_objects[1].sum() == int((cache.images[1].patch_labels()[0] > 0).sum())
+
+
+def test_curriculum_batch_keeps_objects_at_original_positions(tiny_cache):
+    model, processor, cache = tiny_cache
+    tok, img = processor.tokenizer, model.config.image_token_id
+    full = train.lm_batch(3, cache, 4, 0.5, 6, tok, img, None)
+    short = train.lm_batch(3, cache, 4, 0.5, 6, tok, img, 5)
+    assert full["input_ids"].shape[1] > short["input_ids"].shape[1]
+    for b in (full, short):
+        n_slots = int((b["input_ids"] == img).sum())
+        assert b["image_features"].shape[0] == n_slots
+        # labels only on answers: every labelled token is a word or the end token, never an image slot
+        labelled = b["labels"] != -100
+        assert not (labelled & (b["input_ids"] == img)).any() and labelled.any()
+        assert torch.equal(b["labels"][labelled], b["input_ids"][labelled])
+    for row in range(4):
+        ids, pos = short["input_ids"][row], short["position_ids"][row]
+        slots = ids == img
+        vis = pos[slots]
+        assert torch.all(vis[1:] > vis[:-1])  # kept patches in order, at their own positions
+        span = 256 if int(vis.max()) <= 256 else 512  # a clip's second mosaic always holds its objects
+        text = pos[~slots & (short["attention_mask"][row] == 1)]
+        assert int(ids[0]) == tok.bos_token_id and int(pos[0]) == 0 and int(vis[0]) >= 1
+        assert int(text[1]) == span + 1 and torch.all(text[1:].diff() == 1)  # text continues after the full span
+    # the curriculum keeps every object patch
+    rng_objs = [int(cache.image_objects[j].sum()) for j in range(6)] + [int(cache.clip_objects[j].sum()) for j in range(3)]
+    kept = short["input_ids"].eq(img).sum(1)
+    assert all(int(k) - 5 in rng_objs for k in kept)
+
+
+def test_image_turns_cover_every_applicable_type():
+    sample = data.make_image("train", 7)
+    rng = __import__("numpy").random.default_rng(0)
+    turns = train.image_turns(sample, rng, 12)
+    assert len(turns) == 12
+    cands = data.image_question_candidates(sample.objects)
+    applicable = {t for t, pool in cands.items() if pool}
+    asked = {next(q.qtype for t in cands.values() for q in t if list(q.words) == words) for words, _ in turns}
+    assert asked == applicable
+
+
+def test_size_labels_mark_object_patches():
+    sample = data.make_image("train", 3)
+    sizes = train.size_labels(sample)
+    shapes = sample.patch_labels()[0].reshape(-1)
+    assert ((sizes > 0) == (shapes > 0)).all()
+    assert set(sizes[sizes > 0].tolist()) <= {1, 2}
