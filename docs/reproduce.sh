@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Rebuild every shipped artifact and every result in the README after the built-in model changes,
 # in dependency order: the model, then what is trained or calibrated on it, then the result grids.
-# About 75 minutes on the project's 2-core CPU (training 45, artifacts 13, grids and plots ~17).
+# About 75 minutes on the project's 2-core CPU (training 42; artifacts 8 and grids 15 when run two at a time).
 # Usage: bash docs/reproduce.sh [--skip-model]
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -13,7 +13,7 @@ if [ "${1:-}" != "--skip-model" ]; then
 fi
 
 # artifacts trained or calibrated on the model
-vlmprune train-gates --output "$CK/dyvte-gates" --steps 200 --batch-size 16 --width 512 --lr 1e-3 --threads 2
+vlmprune train-gates --output "$CK/dyvte-gates" --steps 200 --batch-size 16 --width 512 --lr 1e-3 --threads 1 --no-resume
 python -m vlmprune.calibrate --presets
 vlmprune train-slowfast --model builtin --data builtin --output "$CK/slowfast-hybrid" --no-resume --steps 400 --batch-size 8 --threads 1
 rm -rf evals/checkpoint-train-state/flash-draft

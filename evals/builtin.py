@@ -30,7 +30,7 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 @dataclass(frozen=True)
 class Sizes:
-    """Architecture of the built-in model (about 1.9 M parameters)."""
+    """Architecture of the built-in model (about 2.0 M parameters)."""
 
     vision_hidden: int = 128
     vision_layers: int = 4
