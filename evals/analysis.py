@@ -2,7 +2,9 @@
 
 ``cls_attention(model, pixel_values)`` returns FasterVLM's score map (the [CLS] row of the
 feature layer's block, head-averaged) for each image; ``object_mass`` measures how much of it
-falls on patches that hold objects; ``save_heatmaps`` writes a picture for the README.
+falls on patches that hold objects; ``save_heatmaps`` writes a picture for the README;
+``count_when_objects_kept`` separates FasterVLM's counting errors by whether every object patch
+survived the pruning.
 """
 
 from __future__ import annotations
@@ -135,3 +137,33 @@ def save_dymu_plot(counts: dict[str, dict[int, list[int]]], path: str | Path) ->
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
+
+@torch.no_grad()
+def count_when_objects_kept(model: Any, processor: Any, ratio: float, n: int = 150, split: str = "test") -> dict[str, float]:
+    """Is FasterVLM's counting loss a matter of dropped object patches? Counts are scored
+    separately on images where the kept patches cover every object patch and on the others."""
+    import vlmprune
+
+    from . import builtin, train
+
+    samples = data.image_split(split, n)
+    scores = cls_attention(model, train.to_pixels([s.image for s in samples])).flatten(1)
+    keep = round(scores.shape[1] * (1 - ratio))
+    kept_all, dropped, errors = [], [], []
+    with vlmprune.apply(model, "fastervlm", ratio=ratio):
+        for s, row in zip(samples, scores):
+            q = data.image_question_candidates(s.objects)["count"][0]
+            inputs = builtin.encode(processor, [builtin.image_prompt(q.words)], [[s.image]])
+            logits = model(**inputs).logits[0, -1]
+            pred = int(logits[builtin.choice_ids(processor.tokenizer, q.choices)].argmax())
+            objects = torch.from_numpy(s.object_patches().reshape(-1))
+            covered = bool(objects[row.topk(keep).indices].sum() == objects.sum())
+            (kept_all if covered else dropped).append(q.choices[pred] == q.answer)
+            errors.append(pred + 1 - len(s.objects))
+    return {
+        "ratio": ratio, "images": n, "all_objects_kept": len(kept_all),
+        "count_acc_all_kept": 100.0 * float(np.mean(kept_all)) if kept_all else float("nan"),
+        "count_acc_some_dropped": 100.0 * float(np.mean(dropped)) if dropped else float("nan"),
+        "mean_count_error": float(np.mean(errors)),
+    }

@@ -149,3 +149,12 @@ def test_size_labels_mark_object_patches():
     shapes = sample.patch_labels()[0].reshape(-1)
     assert ((sizes > 0) == (shapes > 0)).all()
     assert set(sizes[sizes > 0].tolist()) <= {1, 2}
+
+
+def test_count_analysis_splits_images_by_object_coverage():
+    from vlmprune.evals import analysis
+
+    model, processor = builtin.build_untrained()
+    out = analysis.count_when_objects_kept(model, processor, ratio=0.5, n=3)
+    assert out["images"] == 3 and 0 <= out["all_objects_kept"] <= 3
+    assert -4 <= out["mean_count_error"] <= 4
