@@ -278,7 +278,8 @@ def clip_turns(clip: data.VideoSample, rng: np.random.Generator) -> list[tuple[l
 
 
 def lm_batch(step: int, cache: FeatureCache, batch: int, video_share: float, turns: int, tok: Any,
-             image_token_id: int, keep_background: int | None = None) -> dict[str, Tensor]:
+             image_token_id: int, keep_background: int | None = None,
+             contiguous: bool = False) -> dict[str, Tensor]:
     """Right-padded multi-turn sequences over cached features; labels only on answers and their
     end token; each row starts with ``<s>`` like a processor-encoded prompt. ``keep_background``
     (the curriculum): keep the object patches and that many random background patches per image,
@@ -310,7 +311,10 @@ def lm_batch(step: int, cache: FeatureCache, batch: int, video_share: float, tur
             lab += [-100] * len(q_ids) + a_ids
         rows.append(ids)
         labels.append(lab)
-        positions.append([0] + (keep + 1).tolist() + list(range(full + 1, full + len(ids) - len(keep))))
+        if keep_background is not None and contiguous:  # numbered as a pruned sequence is
+            positions.append(list(range(len(ids))))
+        else:
+            positions.append([0] + (keep + 1).tolist() + list(range(full + 1, full + len(ids) - len(keep))))
         feats.append(f[keep])
     width = max(len(r) for r in rows)
     input_ids = torch.full((batch, width), tok.pad_token_id)
@@ -346,7 +350,8 @@ def train_language(model: Any, processor: Any, args: argparse.Namespace, resume_
 
     def step_fn(step: int) -> tuple[Tensor, dict[str, float]]:
         keep = args.keep_background if step < short_steps else None
-        b = lm_batch(step, cache, args.lm_batch, args.video_share, args.turns, tok, model.config.image_token_id, keep)
+        b = lm_batch(step, cache, args.lm_batch, args.video_share, args.turns, tok, model.config.image_token_id, keep,
+                     contiguous=args.curriculum_positions == "contiguous")
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16 and b["input_ids"].device.type == "cpu"):
             embeds = _embed(model, b["input_ids"], b["image_features"])
             out = model(inputs_embeds=embeds, attention_mask=b["attention_mask"], position_ids=b["position_ids"],
@@ -416,6 +421,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--curriculum-share", type=float, default=0.5,
                    help="share of stage-2 steps that see only object patches plus --keep-background others")
     p.add_argument("--keep-background", type=int, default=16)
+    p.add_argument("--curriculum-positions", choices=("original", "contiguous"), default="original",
+                   help="how the curriculum's short sequences are numbered: at the patches' original positions "
+                        "(shipped), or contiguously as FasterVLM's reference numbers a pruned sequence (README: "
+                        "FasterVLM keeps more of the accuracy, the unpruned model is weaker)")
     p.add_argument("--no-bf16", dest="bf16", action="store_false", help="stage 2 in fp32 instead of bf16 autocast")
     p.add_argument("--video-share", type=float, default=0.3, help="share of video clips in the batches")
     p.add_argument("--eval-samples", type=int, default=200)
