@@ -156,14 +156,13 @@ def train_vision(model: Any, args: argparse.Namespace, resume_dir: Path | None) 
         out = tower(b["pixel_values"], output_hidden_states=True)
         feats = out.hidden_states[layer]
         cls, patches = feats[:, 0], feats[:, 1:]
-        ls = F.cross_entropy(heads.patch_shape(patches).flatten(0, 1), b["shape"].flatten(), weight=_bg_weight(5))
-        lc = F.cross_entropy(heads.patch_color(patches).flatten(0, 1), b["color"].flatten(), weight=_bg_weight(7))
+        patch_loss = _patch_loss(heads, patches, b)
         lp = F.binary_cross_entropy_with_logits(heads.cls_pairs(cls), b["pairs"])
         ln = F.cross_entropy(heads.cls_count(cls), b["count"])
         with torch.no_grad():
             obj = b["shape"] > 0
             acc = (heads.patch_shape(patches).argmax(-1)[obj] == b["shape"][obj]).float().mean()
-        return ls + lc + lp + ln, {"patch_shape_acc": float(acc), "count": float(ln.detach())}
+        return patch_loss + lp + ln, {"patch_shape_acc": float(acc), "count": float(ln.detach())}
 
     cfg = LoopConfig(
         steps=args.vision_steps, lr=args.vision_lr, warmup=50, seed=args.seed, max_minutes=args.vision_minutes,
@@ -179,8 +178,7 @@ def train_vision(model: Any, args: argparse.Namespace, resume_dir: Path | None) 
         n = feats.shape[0]
         pair = torch.where(b["shape"] > 0, (b["shape"] - 1) * len(data.COLORS) + b["color"], 0)
         loss = (
-            F.cross_entropy(heads.patch_shape(feats).flatten(0, 1), b["shape"].flatten(), weight=_bg_weight(5))
-            + F.cross_entropy(heads.patch_color(feats).flatten(0, 1), b["color"].flatten(), weight=_bg_weight(7))
+            _patch_loss(heads, feats, b)
             + F.cross_entropy(place.row(feats).flatten(0, 1), (grid // data.GRID).repeat(n))
             + F.cross_entropy(place.col(feats).flatten(0, 1), (grid % data.GRID).repeat(n))
             + F.cross_entropy(place.size(feats).flatten(0, 1), b["size"].flatten(), weight=_bg_weight(3))
@@ -198,6 +196,14 @@ def train_vision(model: Any, args: argparse.Namespace, resume_dir: Path | None) 
     result_b = train_loop(modules, [*tower.parameters(), *heads.parameters(), *place.parameters()], place_step, cfg_b)
     tower.eval()
     return result | {"place": {k: v for k, v in result_b.items() if k != "history"} | {"last": result_b["history"][-1:]}}
+
+
+def _patch_loss(heads: VisionHeads, patches: Tensor, b: dict[str, Any]) -> Tensor:
+    """The dense shape + colour loss both stage 1 and stage 1b train on (1b keeps it so the new
+    heads do not pull the features away from what stage 1 taught)."""
+    shape = F.cross_entropy(heads.patch_shape(patches).flatten(0, 1), b["shape"].flatten(), weight=_bg_weight(5))
+    color = F.cross_entropy(heads.patch_color(patches).flatten(0, 1), b["color"].flatten(), weight=_bg_weight(7))
+    return shape + color
 
 
 def _bg_weight(n: int) -> Tensor:

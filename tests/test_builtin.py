@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 
@@ -150,7 +151,7 @@ def test_contiguous_curriculum_numbers_like_a_pruned_sequence(tiny_cache):
 
 def test_image_turns_cover_every_applicable_type():
     sample = data.make_image("train", 7)
-    rng = __import__("numpy").random.default_rng(0)
+    rng = np.random.default_rng(0)
     turns = train.image_turns(sample, rng, 12)
     assert len(turns) == 12
     cands = data.image_question_candidates(sample.objects)

@@ -80,6 +80,17 @@ def builtin_batches(processor: Any, batch_size: int, seed: int, split: str = "tr
     return answer_batches(processor, batch_size, seed, split=split, video_share=video_share)
 
 
+def train_and_held_out(processor: Any, args: Any, builtin: Callable[..., Callable[[int], Batch]]
+                       ) -> tuple[Callable[[int], Batch], Callable[[int], Batch]]:
+    """Training and held-out batches for a trainer's ``--data``: the built-in split's train and val
+    seeds, or a JSONL file (which has no held-out part, so the report reuses it)."""
+    if args.data == "builtin":
+        return (builtin(processor, args.batch_size, args.seed),
+                builtin(processor, args.batch_size, args.seed + 1, split="val"))
+    batches = jsonl_batches(processor, args.data, args.batch_size, args.seed)
+    return batches, batches
+
+
 def jsonl_batches(processor: Any, path: str | Path, batch_size: int, seed: int) -> Callable[[int], Batch]:
     """Batches from a JSON-lines file (see the module docstring), shuffled per epoch."""
     from PIL import Image
@@ -203,12 +214,7 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit("vlmprune train-gates: --steps, --batch-size and --width must be positive")
     began = time.time()
     model, processor = load_model(args.model, args.device)
-    if args.data == "builtin":
-        batches = builtin_batches(processor, args.batch_size, args.seed)
-        held_out = builtin_batches(processor, args.batch_size, args.seed + 1, split="val")
-    else:
-        batches = jsonl_batches(processor, args.data, args.batch_size, args.seed)
-        held_out = batches
+    batches, held_out = train_and_held_out(processor, args, builtin_batches)
     gates, result = train_gates(model, batches, args)
     recipe = dict(vars(args))
     info = {"recipe": recipe, "steps": result["steps"], "train_minutes": round(result["minutes"], 2),

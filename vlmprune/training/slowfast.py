@@ -32,7 +32,7 @@ from vlmprune.hybrid_layers import LoRA, save_adapter
 from vlmprune.methods.slowfast import SlowFastConfig
 
 from .builtin_data import Batch, add_run_args, answer_batches
-from .gates import answer_labels, jsonl_batches, load_model
+from .gates import answer_labels, load_model, train_and_held_out
 from .loop import LoopConfig, train_loop
 
 
@@ -168,12 +168,7 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit("vlmprune train-slowfast: --steps and --batch-size must be positive")
     began = time.time()
     model, processor = load_model(args.model, args.device)
-    if args.data == "builtin":
-        batches = builtin_video_batches(processor, args.batch_size, args.seed)
-        held_out = builtin_video_batches(processor, args.batch_size, args.seed + 1, split="val")
-    else:
-        batches = jsonl_batches(processor, args.data, args.batch_size, args.seed)
-        held_out = batches
+    batches, held_out = train_and_held_out(processor, args, builtin_video_batches)
     hybrid, lora, result = train_slowfast(model, batches, args)
     recipe = {k: v for k, v in vars(args).items()}
     info: dict[str, Any] = {
