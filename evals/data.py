@@ -390,6 +390,15 @@ def image_question_candidates(objects: tuple[Obj, ...]) -> dict[str, list[Questi
     return q
 
 
+def near_miss_exist(pool: list[Question]) -> list[Question]:
+    """The "no" exist questions that share a colour or a shape with a present object: they force
+    the model to bind colour to shape instead of checking either alone."""
+    present = [q for q in pool if q.answer == "yes"]
+    colors = {q.words[3] for q in present}
+    shapes = {q.words[4] for q in present}
+    return [q for q in pool if q.answer == "no" and (q.words[3] in colors or q.words[4] in shapes)]
+
+
 def _pick_balanced(rng: np.random.Generator, pool: list[Question], prefer: list[Question] | None = None) -> Question:
     """A yes/no question with the answer drawn 50/50 first (when both answers are possible)."""
     answers = sorted({q.answer for q in pool})
@@ -406,11 +415,7 @@ def _image_questions(rng: np.random.Generator, objects: tuple[Obj, ...]) -> tupl
     """One question per applicable type (so every type is frequent across a split), yes/no types
     balanced by drawing the answer first, in a random order."""
     cands = image_question_candidates(objects)
-    # "no" exist questions that share a colour or a shape with a present object force the model to
-    # bind colour to shape instead of checking either alone.
-    colors = {o.color for o in objects}
-    shapes = {o.shape for o in objects}
-    near_miss = [q for q in cands["exist"] if q.answer == "no" and (q.words[3] in colors or q.words[4] in shapes)]
+    near_miss = near_miss_exist(cands["exist"])
     chosen = []
     for t in IMAGE_QTYPES:
         pool = cands[t]

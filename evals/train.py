@@ -17,6 +17,9 @@ Two stages, as CLIP-then-LLaVA training does, sized for a 2-core CPU:
    2 shows the LM only the object patches plus a few random background patches, at their
    original positions: a curriculum that makes each step several times cheaper and lets the LM
    learn to bind a question's words to object tokens before it has to find them among 256.
+   After it, half the batches see every patch and half keep the object patches with a random
+   share of the background (background dropout, numbered at original positions or contiguously),
+   so the model reads a count from the object tokens and not from their share of the sequence.
 
 Data are generated from the train split's seeds; nothing is downloaded.
 """
@@ -283,30 +286,71 @@ def clip_turns(clip: data.VideoSample, rng: np.random.Generator) -> list[tuple[l
     return [turns[i] for i in order]
 
 
+@dataclass(frozen=True)
+class BatchPlan:
+    """What one stage-2 batch shows. ``kind`` "image" or "video" makes the batch one kind only
+    (rows are padded to the longest, so one 512-token clip in a batch of images makes every image
+    row cost as much as a clip: one-kind batches make the full-sequence steps about 1.5x
+    cheaper); None draws each row's kind. ``keep_background`` (a count) or ``background_share``
+    (a fraction): keep every object patch and that many random background patches; both None:
+    all patches. ``contiguous``: number a shortened sequence as a pruned one is (0, 1, 2, ...)
+    instead of at the patches' original positions."""
+
+    kind: str | None = None
+    keep_background: int | None = None
+    background_share: float | None = None
+    contiguous: bool = False
+
+
+def stage2_plan(step: int, args: argparse.Namespace) -> BatchPlan:
+    """The curriculum, then background dropout: the first ``curriculum_share`` of the steps keep
+    only the object patches plus ``keep_background`` others; after that a ``dropout_share`` of
+    the batches keep a random share of the background (numbered originally or contiguously, half
+    each, with ``dropout_positions`` "mixed") and the rest see every patch. Dropout is why the
+    model reads a count from the object tokens rather than from their share of the sequence
+    (README, "What pruning does"); it is drawn per batch from the step, so a resumed run repeats it."""
+    rng = np.random.default_rng(20_000_000 + step)
+    kind = None if args.mixed_batches else ("video" if rng.random() < args.video_share else "image")
+    if step < int(args.lm_steps * args.curriculum_share):
+        return BatchPlan(kind, keep_background=args.keep_background,
+                         contiguous=args.curriculum_positions == "contiguous")
+    if rng.random() < args.dropout_share:
+        share = float(rng.random())
+        mode = args.dropout_positions
+        contiguous = mode == "contiguous" or (mode == "mixed" and rng.random() < 0.5)
+        return BatchPlan(kind, background_share=share, contiguous=contiguous)
+    return BatchPlan(kind)
+
+
 def lm_batch(step: int, cache: FeatureCache, batch: int, video_share: float, turns: int, tok: Any,
              image_token_id: int, keep_background: int | None = None,
-             contiguous: bool = False) -> dict[str, Tensor]:
+             contiguous: bool = False, plan: BatchPlan | None = None) -> dict[str, Tensor]:
     """Right-padded multi-turn sequences over cached features; labels only on answers and their
-    end token; each row starts with ``<s>`` like a processor-encoded prompt. ``keep_background``
-    (the curriculum): keep the object patches and that many random background patches per image,
-    at their original positions (text positions continue after the full visual span, as in an
-    unpruned sequence)."""
+    end token; each row starts with ``<s>`` like a processor-encoded prompt. A shortened sequence
+    (``keep_background`` or a ``plan`` that drops background) keeps the object patches and some
+    random background patches, at their original positions (text positions continue after the
+    full visual span, as in an unpruned sequence) unless ``contiguous``."""
+    if plan is None:
+        plan = BatchPlan(None, keep_background=keep_background, contiguous=contiguous)
     rng = np.random.default_rng(10_000_000 + step)
     rows, labels, positions, feats = [], [], [], []
     eos = tok.eos_token_id
+    short = plan.keep_background is not None or plan.background_share is not None
     for _ in range(batch):
-        if len(cache.clips) and (rng.random() < video_share or not len(cache.images)):
+        video = rng.random() < video_share if plan.kind is None else plan.kind == "video"
+        if len(cache.clips) and (video or not len(cache.images)):
             j = int(rng.integers(len(cache.clips)))
             f, objects, qa = cache.clip_feats[j], cache.clip_objects[j], clip_turns(cache.clips[j], rng)
         else:
             j = int(rng.integers(len(cache.images)))
             f, objects, qa = cache.image_feats[j], cache.image_objects[j], image_turns(cache.images[j], rng, turns)
         full = f.shape[0]
-        if keep_background is None:
+        if not short:
             keep = torch.arange(full)
         else:
             background = torch.nonzero(~objects).flatten()
-            extra = background[torch.from_numpy(rng.permutation(len(background))[:keep_background])]
+            n_bg = plan.keep_background if plan.background_share is None else round(plan.background_share * len(background))
+            extra = background[torch.from_numpy(rng.permutation(len(background))[:n_bg])]
             keep = torch.sort(torch.cat([torch.nonzero(objects).flatten(), extra])).values
         ids = [tok.bos_token_id] + [image_token_id] * len(keep)  # as the processor encodes a prompt
         lab = [-100] * len(ids)
@@ -317,7 +361,7 @@ def lm_batch(step: int, cache: FeatureCache, batch: int, video_share: float, tur
             lab += [-100] * len(q_ids) + a_ids
         rows.append(ids)
         labels.append(lab)
-        if keep_background is not None and contiguous:  # numbered as a pruned sequence is
+        if short and plan.contiguous:  # numbered as a pruned sequence is
             positions.append(list(range(len(ids))))
         else:
             positions.append([0] + (keep + 1).tolist() + list(range(full + 1, full + len(ids) - len(keep))))
@@ -352,12 +396,10 @@ def train_language(model: Any, processor: Any, args: argparse.Namespace, resume_
     cache = build_feature_cache(tower, model.config.vision_feature_layer, args.cache_images, args.cache_clips)
     trainable = [*model.model.multi_modal_projector.parameters(), *model.model.language_model.parameters(),
                  *model.lm_head.parameters()]
-    short_steps = int(args.lm_steps * args.curriculum_share)
 
     def step_fn(step: int) -> tuple[Tensor, dict[str, float]]:
-        keep = args.keep_background if step < short_steps else None
-        b = lm_batch(step, cache, args.lm_batch, args.video_share, args.turns, tok, model.config.image_token_id, keep,
-                     contiguous=args.curriculum_positions == "contiguous")
+        b = lm_batch(step, cache, args.lm_batch, args.video_share, args.turns, tok, model.config.image_token_id,
+                     plan=stage2_plan(step, args))
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16 and b["input_ids"].device.type == "cpu"):
             embeds = _embed(model, b["input_ids"], b["image_features"])
             out = model(inputs_embeds=embeds, attention_mask=b["attention_mask"], position_ids=b["position_ids"],
@@ -431,6 +473,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="how the curriculum's short sequences are numbered: at the patches' original positions "
                         "(shipped), or contiguously as FasterVLM's reference numbers a pruned sequence (README: "
                         "FasterVLM keeps more of the accuracy, the unpruned model is weaker)")
+    p.add_argument("--dropout-share", type=float, default=0.5,
+                   help="after the curriculum, share of batches that keep every object patch but only a random "
+                        "share of the background (0 = all later batches see every patch)")
+    p.add_argument("--dropout-positions", choices=("original", "contiguous", "mixed"), default="mixed",
+                   help="numbering of the background-dropout batches; mixed: half each")
+    p.add_argument("--one-kind-batches", dest="mixed_batches", action="store_false",
+                   help="one kind (images or clips) per batch instead of drawing each row's kind: phase-B steps "
+                        "about 1.5x cheaper, but measured to learn less per step (README)")
     p.add_argument("--no-bf16", dest="bf16", action="store_false", help="stage 2 in fp32 instead of bf16 autocast")
     p.add_argument("--video-share", type=float, default=0.3, help="share of video clips in the batches")
     p.add_argument("--eval-samples", type=int, default=200)

@@ -39,10 +39,10 @@ def test_checkpoint_is_small_and_logged():
 def test_shipped_model_loads_offline_and_answers(shipped):
     model, processor = shipped
     acc = train.quick_accuracy(model, processor, "test", n=40)
-    # README: 85.3% image / 91.3% video multiple choice on the default test items; this fixed
-    # subset measured 88.5% / 93.0% when the checkpoint was made (margin for other CPUs' numerics)
-    assert acc["image_mc"] >= 85.0, acc
-    assert acc["video_mc"] >= 88.0, acc
+    # README: 81.7% image / 84.7% video multiple choice on the default test items; this fixed
+    # subset measured 85.3% / 76.7% when the checkpoint was made (margin for other CPUs' numerics)
+    assert acc["image_mc"] >= 82.0, acc
+    assert acc["video_mc"] >= 73.0, acc
 
 
 @needs_checkpoint
@@ -52,7 +52,7 @@ def test_fastervlm_keeps_accuracy_on_shipped_model(shipped):
         acc = train.quick_accuracy(model, processor, "test", n=40)
     kept = {v for r in handle.stats.records for v in r.visual_out}
     assert kept == {64, 128}  # 64 of 256 tokens per image; videos are two mosaic images
-    assert acc["image_mc"] >= 75.0, acc  # measured 79.4% on this subset
+    assert acc["image_mc"] >= 78.0, acc  # measured 81.7% on this subset
 
 
 def test_untrained_architecture_matches_contract():
@@ -175,3 +175,59 @@ def test_count_analysis_splits_images_by_object_coverage():
     out = analysis.count_when_objects_kept(model, processor, ratio=0.5, n=3)
     assert out["images"] == 3 and 0 <= out["all_objects_kept"] <= 3
     assert -4 <= out["mean_count_error"] <= 4
+
+
+def _plan_args(**over):
+    args = train.build_parser().parse_args([])
+    for k, v in over.items():
+        setattr(args, k, v)
+    return args
+
+
+def test_stage2_plan_curriculum_then_background_dropout():
+    args = _plan_args(lm_steps=1000, curriculum_share=0.4, dropout_share=0.5, video_share=0.3, mixed_batches=False)
+    plans = [train.stage2_plan(s, args) for s in range(1000)]
+    assert plans == [train.stage2_plan(s, args) for s in range(1000)]  # drawn from the step: a resume repeats it
+    early, late = plans[:400], plans[400:]
+    assert all(p.keep_background == args.keep_background and p.background_share is None for p in early)
+    assert not any(p.contiguous for p in early)  # curriculum at original positions by default
+    assert all(p.keep_background is None for p in late)
+    dropped = [p for p in late if p.background_share is not None]
+    assert 0.4 < len(dropped) / len(late) < 0.6
+    assert 0.35 < np.mean([p.contiguous for p in dropped]) < 0.65  # "mixed" numbering
+    assert not any(p.contiguous for p in late if p.background_share is None)
+    assert 0.24 < np.mean([p.kind == "video" for p in plans]) < 0.36 and {p.kind for p in plans} == {"image", "video"}
+    assert {train.stage2_plan(s, _plan_args()).kind for s in range(50)} == {None}  # default: each row drawn
+    no_dropout = _plan_args(lm_steps=100, curriculum_share=0.0, dropout_share=0.0)
+    assert all(train.stage2_plan(s, no_dropout).background_share is None for s in range(100))
+
+
+def test_one_kind_batches_and_background_share(tiny_cache):
+    model, processor, cache = tiny_cache
+    tok, img = processor.tokenizer, model.config.image_token_id
+    video = train.lm_batch(2, cache, 4, 0.3, 6, tok, img, plan=train.BatchPlan("video"))
+    assert video["input_ids"].eq(img).sum(1).tolist() == [512] * 4
+    images = train.lm_batch(2, cache, 4, 0.3, 6, tok, img, plan=train.BatchPlan("image"))
+    assert images["input_ids"].eq(img).sum(1).tolist() == [256] * 4
+    none = train.lm_batch(2, cache, 4, 0.3, 6, tok, img, plan=train.BatchPlan("image", background_share=0.0))
+    objects = sorted(int(cache.image_objects[j].sum()) for j in range(6))
+    assert all(int(k) in objects for k in none["input_ids"].eq(img).sum(1))  # objects only
+    half = train.lm_batch(2, cache, 4, 0.3, 6, tok, img, plan=train.BatchPlan("image", background_share=0.5))
+    kept = half["input_ids"].eq(img).sum(1)
+    assert all(any(int(k) == o + round(0.5 * (256 - o)) for o in objects) for k in kept)
+    contiguous = train.lm_batch(2, cache, 4, 0.3, 6, tok, img,
+                                plan=train.BatchPlan("image", background_share=0.5, contiguous=True))
+    n = int(contiguous["attention_mask"][0].sum())
+    assert contiguous["position_ids"][0, :n].tolist() == list(range(n))
+    assert not torch.equal(half["position_ids"], contiguous["position_ids"])
+
+
+def test_near_miss_exist_questions_share_a_colour_or_shape():
+    for i in range(20):
+        objects = data.make_image("train", i).objects
+        pool = data.image_question_candidates(objects)["exist"]
+        near = data.near_miss_exist(pool)
+        colors, shapes = {o.color for o in objects}, {o.shape for o in objects}
+        assert all(q.answer == "no" and (q.words[3] in colors or q.words[4] in shapes) for q in near)
+        others = [q for q in pool if q.answer == "no" and q not in near]
+        assert all(q.words[3] not in colors and q.words[4] not in shapes for q in others)
