@@ -144,12 +144,14 @@ def count_when_objects_kept(model: Any, processor: Any, ratio: float, n: int = 1
     """Is FasterVLM's counting loss a matter of dropped object patches? Counts are scored
     separately on images where the kept patches cover every object patch and on the others."""
     import vlmprune
+    from vlmprune.methods.base import keep_count
+    from vlmprune.methods.scoring import topk_indices
 
     from . import builtin, train
 
     samples = data.image_split(split, n)
     scores = cls_attention(model, train.to_pixels([s.image for s in samples])).flatten(1)
-    keep = round(scores.shape[1] * (1 - ratio))
+    keep = keep_count(scores.shape[1], ratio)
     kept_all, dropped, errors = [], [], []
     with vlmprune.apply(model, "fastervlm", ratio=ratio):
         for s, row in zip(samples, scores):
@@ -158,7 +160,7 @@ def count_when_objects_kept(model: Any, processor: Any, ratio: float, n: int = 1
             logits = model(**inputs).logits[0, -1]
             pred = int(logits[builtin.choice_ids(processor.tokenizer, q.choices)].argmax())
             objects = torch.from_numpy(s.object_patches().reshape(-1))
-            covered = bool(objects[row.topk(keep).indices].sum() == objects.sum())
+            covered = bool(objects[topk_indices(row, keep)].sum() == objects.sum())
             (kept_all if covered else dropped).append(q.choices[pred] == q.answer)
             errors.append(pred + 1 - len(s.objects))
     return {

@@ -323,15 +323,12 @@ def stage2_plan(step: int, args: argparse.Namespace) -> BatchPlan:
 
 
 def lm_batch(step: int, cache: FeatureCache, batch: int, video_share: float, turns: int, tok: Any,
-             image_token_id: int, keep_background: int | None = None,
-             contiguous: bool = False, plan: BatchPlan | None = None) -> dict[str, Tensor]:
+             image_token_id: int, plan: BatchPlan = BatchPlan()) -> dict[str, Tensor]:
     """Right-padded multi-turn sequences over cached features; labels only on answers and their
-    end token; each row starts with ``<s>`` like a processor-encoded prompt. A shortened sequence
-    (``keep_background`` or a ``plan`` that drops background) keeps the object patches and some
-    random background patches, at their original positions (text positions continue after the
-    full visual span, as in an unpruned sequence) unless ``contiguous``."""
-    if plan is None:
-        plan = BatchPlan(None, keep_background=keep_background, contiguous=contiguous)
+    end token; each row starts with ``<s>`` like a processor-encoded prompt. A ``plan`` that drops
+    background keeps the object patches and some random background patches, at their original
+    positions (text positions continue after the full visual span, as in an unpruned sequence)
+    unless ``plan.contiguous``."""
     rng = np.random.default_rng(10_000_000 + step)
     rows, labels, positions, feats = [], [], [], []
     eos = tok.eos_token_id

@@ -108,8 +108,8 @@ def test_feature_cache_equals_the_towers_features(tiny_cache):
 def test_curriculum_batch_keeps_objects_at_original_positions(tiny_cache):
     model, processor, cache = tiny_cache
     tok, img = processor.tokenizer, model.config.image_token_id
-    full = train.lm_batch(3, cache, 4, 0.5, 6, tok, img, None)
-    short = train.lm_batch(3, cache, 4, 0.5, 6, tok, img, 5, contiguous=False)
+    full = train.lm_batch(3, cache, 4, 0.5, 6, tok, img)
+    short = train.lm_batch(3, cache, 4, 0.5, 6, tok, img, train.BatchPlan(keep_background=5))
     assert full["input_ids"].shape[1] > short["input_ids"].shape[1]
     for b in (full, short):
         n_slots = int((b["input_ids"] == img).sum())
@@ -136,15 +136,15 @@ def test_curriculum_batch_keeps_objects_at_original_positions(tiny_cache):
 def test_contiguous_curriculum_numbers_like_a_pruned_sequence(tiny_cache):
     model, processor, cache = tiny_cache
     tok, img = processor.tokenizer, model.config.image_token_id
-    original = train.lm_batch(5, cache, 3, 0.5, 6, tok, img, 4, contiguous=False)
-    contiguous = train.lm_batch(5, cache, 3, 0.5, 6, tok, img, 4, contiguous=True)
+    original = train.lm_batch(5, cache, 3, 0.5, 6, tok, img, train.BatchPlan(keep_background=4))
+    contiguous = train.lm_batch(5, cache, 3, 0.5, 6, tok, img, train.BatchPlan(keep_background=4, contiguous=True))
     assert torch.equal(original["input_ids"], contiguous["input_ids"])  # same tokens, only numbered differently
     assert torch.equal(original["image_features"], contiguous["image_features"])
     for row in range(3):
         n = int(contiguous["attention_mask"][row].sum())
         assert contiguous["position_ids"][row, :n].tolist() == list(range(n))
     # full sequences are numbered 0..N-1 whatever the flag
-    full = train.lm_batch(5, cache, 3, 0.5, 6, tok, img, None, contiguous=True)
+    full = train.lm_batch(5, cache, 3, 0.5, 6, tok, img, train.BatchPlan(contiguous=True))
     n = int(full["attention_mask"][0].sum())
     assert full["position_ids"][0, :n].tolist() == list(range(n))
 
