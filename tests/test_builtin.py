@@ -39,10 +39,11 @@ def test_checkpoint_is_small_and_logged():
 def test_shipped_model_loads_offline_and_answers(shipped):
     model, processor = shipped
     acc = train.quick_accuracy(model, processor, "test", n=40)
-    # README: 81.7% image / 84.7% video multiple choice on the default test items; this fixed
-    # subset measured 85.3% / 76.7% when the checkpoint was made (margin for other CPUs' numerics)
-    assert acc["image_mc"] >= 82.0, acc
-    assert acc["video_mc"] >= 73.0, acc
+    # README: 92.3% image / 89.3% video multiple choice on the default test items; this fixed
+    # subset measured 93.6% / 90.7% when the checkpoint was made. The image bound is the issue's
+    # 90% target; the video one leaves the same margin for other CPUs' numerics.
+    assert acc["image_mc"] >= 90.0, acc
+    assert acc["video_mc"] >= 87.0, acc
 
 
 @needs_checkpoint
@@ -52,7 +53,7 @@ def test_fastervlm_keeps_accuracy_on_shipped_model(shipped):
         acc = train.quick_accuracy(model, processor, "test", n=40)
     kept = {v for r in handle.stats.records for v in r.visual_out}
     assert kept == {64, 128}  # 64 of 256 tokens per image; videos are two mosaic images
-    assert acc["image_mc"] >= 78.0, acc  # measured 81.7% on this subset
+    assert acc["image_mc"] >= 88.0, acc  # measured 91.3% on this subset
 
 
 def test_untrained_architecture_matches_contract():

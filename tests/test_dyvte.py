@@ -486,3 +486,30 @@ def test_train_gates_cli_steps_resume_and_frozen_model(tmp_path):
     path = save_gates(gates, tmp_path)
     report = exit_report(model, path, batches, 1)
     assert report["samples"] == 2 and 0 <= report["agreement_with_full"] <= 1
+
+
+def test_exit_report_decides_from_the_prompt_as_a_prefill_does(tmp_path):
+    """The held-out report must pick the exit layer the gated model picks at inference, where
+    the prefill holds the prompt alone (not the teacher-forced answer)."""
+    from vlmprune.adapters import for_model
+    from vlmprune.evals.builtin import build_untrained
+    from vlmprune.training.gates import builtin_batches, exit_report
+
+    model, processor = build_untrained(seed=0)
+    adapter = for_model(model)
+    torch.manual_seed(1)
+    gates = ExitGates(len(adapter.decoder_layers), adapter.text_config.hidden_size, 8)
+    gates.reset_parameters()
+    path = save_gates(gates, tmp_path)
+    batches = builtin_batches(processor, 1, seed=0)
+    reported, prefill = [], []
+    for step in range(6):
+        inputs, answer_len = batches(step)
+        reported += list(exit_report(model, path, lambda s, b=(inputs, answer_len): b, 1)["exit_layer_counts"])
+        cut = int(answer_len[0])
+        prompt = {k: v[:, :-cut] if k in ("input_ids", "attention_mask") else v for k, v in inputs.items()}
+        with vlmprune.apply(model, "dyvte", gates=str(path)) as handle:
+            model(**prompt)
+        prefill += handle.stats.last.exit_layers
+    assert reported == prefill
+    assert len(set(prefill)) > 1  # the random gates exit at several layers, so the check has teeth

@@ -25,7 +25,15 @@ import torch
 from torch import Tensor, nn
 
 import vlmprune
-from vlmprune.methods.dyvte import DyVTEConfig, ExitGates, exit_labels, gate_features, save_gates
+from vlmprune.methods.dyvte import (
+    DyVTEConfig,
+    ExitGates,
+    exit_decision,
+    exit_labels,
+    gate_features,
+    load_gates,
+    save_gates,
+)
 
 from .builtin_data import Batch, add_run_args, answer_batches
 from .loop import LoopConfig, train_loop
@@ -41,31 +49,46 @@ def answer_labels(input_ids: Tensor, answer_len: Tensor) -> Tensor:
     return labels
 
 
-def gate_step(model: Any, adapter: Any, gates: ExitGates, batch: Batch, layer: int) -> tuple[Tensor, dict[str, float]]:
-    """Loss of router ``layer`` on one batch, and the share of samples labelled "exit"."""
-    inputs, answer_len = batch
-    labels = answer_labels(inputs["input_ids"], answer_len)
-    t = labels.shape[1]
+def layer_outputs(model: Any, adapter: Any, inputs: dict[str, Tensor], t: int) -> tuple[list[Tensor], Tensor]:
+    """Every decoder layer's output and the logits that score the last ``t`` tokens, from one
+    full forward (teacher forcing)."""
     captured: list[Tensor] = []
-    hook = adapter.decoder_layers[layer].register_forward_hook(
-        lambda m, a, out: captured.append((out[0] if isinstance(out, tuple) else out).detach())
-    )
+    hooks = [layer.register_forward_hook(
+        lambda m, a, out: captured.append((out[0] if isinstance(out, tuple) else out).detach()))
+        for layer in adapter.decoder_layers]
     try:
         with torch.no_grad():
-            full = model(**inputs).logits[:, -t - 1 : -1]
+            logits = model(**inputs).logits[:, -t - 1 : -1]
     finally:
-        hook.remove()
-    with torch.no_grad(), vlmprune.apply(model, DyVTEConfig(exit_layer=layer + 1)):
-        exited = model(**inputs).logits[:, -t - 1 : -1]
-    y = exit_labels(full, exited, labels)
+        for h in hooks:
+            h.remove()
+    return captured, logits
+
+
+def prompt_features(adapter: Any, inputs: dict[str, Tensor], labels: Tensor, hidden: Tensor) -> Tensor:
+    """Router input read from the prompt only (the answer columns masked), which is what the
+    gates see at inference, where the prefill holds the prompt alone. Causal attention makes the
+    prompt's hidden states under teacher forcing the same as at inference."""
     ids = inputs["input_ids"]
     visual = torch.zeros_like(ids, dtype=torch.bool)
     for tok in adapter.placeholder_ids():
         visual |= ids == tok
     valid = inputs["attention_mask"].bool() if "attention_mask" in inputs else torch.ones_like(visual)
     prompt = valid.clone()
-    prompt[:, -t:] &= labels == -100  # features read the prompt only, as the reference does
-    feats = gate_features(captured[0], visual.to(captured[0].device), prompt.to(captured[0].device))
+    prompt[:, -labels.shape[1]:] &= labels == -100
+    return gate_features(hidden, visual.to(hidden.device), prompt.to(hidden.device))
+
+
+def gate_step(model: Any, adapter: Any, gates: ExitGates, batch: Batch, layer: int) -> tuple[Tensor, dict[str, float]]:
+    """Loss of router ``layer`` on one batch, and the share of samples labelled "exit"."""
+    inputs, answer_len = batch
+    labels = answer_labels(inputs["input_ids"], answer_len)
+    t = labels.shape[1]
+    captured, full = layer_outputs(model, adapter, inputs, t)
+    with torch.no_grad(), vlmprune.apply(model, DyVTEConfig(exit_layer=layer + 1)):
+        exited = model(**inputs).logits[:, -t - 1 : -1]
+    y = exit_labels(full, exited, labels)
+    feats = prompt_features(adapter, inputs, labels, captured[layer])
     logits = gates.logits(layer, feats)
     loss = nn.functional.cross_entropy(logits, y.to(logits.device))
     return loss, {"exit_share": float(y.float().mean()), "layer": float(layer)}
@@ -173,18 +196,37 @@ def train_gates(model: Any, batches: Callable[[int], Batch], args: argparse.Name
 
 @torch.no_grad()
 def exit_report(model: Any, gates_file: str | Path, batches: Callable[[int], Batch], steps: int) -> dict[str, Any]:
-    """Exit layers the trained gates choose on held-out batches, and how often the exited model's
-    greedy answer agrees with the full model's."""
+    """Exit layers the trained gates choose on held-out prompts, and how often the exited model's
+    greedy answer agrees with the full model's.
+
+    The gates decide from the prompt alone, as in a real prefill (a teacher-forced pass with the
+    answer inside would hand them the answer's last token instead); each sample's answer is then
+    scored with the visual tokens gone from its own exit layer on.
+    """
+    from vlmprune.adapters import for_model
+
+    adapter = for_model(model)
+    layers = len(adapter.decoder_layers)
+    gates = load_gates(gates_file, layers, adapter.text_config.hidden_size)
+    gates.to(next(model.parameters()).device, torch.float32)
     exits, agree = [], []
     for step in range(steps):
         inputs, answer_len = batches(step)
-        t = int(answer_len.max())
-        full = model(**inputs).logits[:, -t - 1 : -1].argmax(-1)
-        with vlmprune.apply(model, "dyvte", gates=str(gates_file)) as h:
-            out = model(**inputs).logits[:, -t - 1 : -1].argmax(-1)
-            exits += h.stats.last.exit_layers
         labels = answer_labels(inputs["input_ids"], answer_len)
-        ok = ((full == out) | (labels < 0)).all(dim=1)
+        t = labels.shape[1]
+        captured, full = layer_outputs(model, adapter, inputs, t)
+        exit_at = torch.full((labels.shape[0],), layers)
+        for layer in reversed(range(layers)):  # the first router that fires wins
+            fire = exit_decision(gates.logits(layer, prompt_features(adapter, inputs, labels, captured[layer]))).cpu()
+            exit_at[fire] = layer + 1
+        out = full.argmax(-1)
+        for k in exit_at.unique().tolist():
+            if k < layers:
+                with vlmprune.apply(model, DyVTEConfig(exit_layer=k)):
+                    pred = model(**inputs).logits[:, -t - 1 : -1].argmax(-1)
+                out[exit_at == k] = pred[exit_at == k]
+        ok = ((full.argmax(-1) == out) | (labels < 0)).all(dim=1)
+        exits += exit_at.tolist()
         agree += ok.tolist()
     counts = {int(k): int(v) for k, v in zip(*np.unique(exits, return_counts=True))}
     return {"mean_exit_layer": float(np.mean(exits)), "exit_layer_counts": counts,
