@@ -49,13 +49,14 @@ def answer_labels(input_ids: Tensor, answer_len: Tensor) -> Tensor:
     return labels
 
 
-def layer_outputs(model: Any, adapter: Any, inputs: dict[str, Tensor], t: int) -> tuple[list[Tensor], Tensor]:
-    """Every decoder layer's output and the logits that score the last ``t`` tokens, from one
-    full forward (teacher forcing)."""
+def layer_outputs(model: Any, adapter: Any, inputs: dict[str, Tensor], t: int,
+                  layers: list[int]) -> tuple[list[Tensor], Tensor]:
+    """The outputs of decoder ``layers`` (in order) and the logits that score the last ``t``
+    tokens, from one full forward (teacher forcing)."""
     captured: list[Tensor] = []
-    hooks = [layer.register_forward_hook(
+    hooks = [adapter.decoder_layers[i].register_forward_hook(
         lambda m, a, out: captured.append((out[0] if isinstance(out, tuple) else out).detach()))
-        for layer in adapter.decoder_layers]
+        for i in layers]
     try:
         with torch.no_grad():
             logits = model(**inputs).logits[:, -t - 1 : -1]
@@ -65,10 +66,11 @@ def layer_outputs(model: Any, adapter: Any, inputs: dict[str, Tensor], t: int) -
     return captured, logits
 
 
-def prompt_features(adapter: Any, inputs: dict[str, Tensor], labels: Tensor, hidden: Tensor) -> Tensor:
-    """Router input read from the prompt only (the answer columns masked), which is what the
-    gates see at inference, where the prefill holds the prompt alone. Causal attention makes the
-    prompt's hidden states under teacher forcing the same as at inference."""
+def prompt_masks(adapter: Any, inputs: dict[str, Tensor], labels: Tensor) -> tuple[Tensor, Tensor]:
+    """(visual, prompt) masks for ``gate_features``: the router reads the prompt only (the answer
+    columns masked), which is what the gates see at inference, where the prefill holds the prompt
+    alone. Causal attention makes the prompt's hidden states under teacher forcing the same as at
+    inference."""
     ids = inputs["input_ids"]
     visual = torch.zeros_like(ids, dtype=torch.bool)
     for tok in adapter.placeholder_ids():
@@ -76,7 +78,7 @@ def prompt_features(adapter: Any, inputs: dict[str, Tensor], labels: Tensor, hid
     valid = inputs["attention_mask"].bool() if "attention_mask" in inputs else torch.ones_like(visual)
     prompt = valid.clone()
     prompt[:, -labels.shape[1]:] &= labels == -100
-    return gate_features(hidden, visual.to(hidden.device), prompt.to(hidden.device))
+    return visual, prompt
 
 
 def gate_step(model: Any, adapter: Any, gates: ExitGates, batch: Batch, layer: int) -> tuple[Tensor, dict[str, float]]:
@@ -84,11 +86,12 @@ def gate_step(model: Any, adapter: Any, gates: ExitGates, batch: Batch, layer: i
     inputs, answer_len = batch
     labels = answer_labels(inputs["input_ids"], answer_len)
     t = labels.shape[1]
-    captured, full = layer_outputs(model, adapter, inputs, t)
+    (hidden,), full = layer_outputs(model, adapter, inputs, t, [layer])
     with torch.no_grad(), vlmprune.apply(model, DyVTEConfig(exit_layer=layer + 1)):
         exited = model(**inputs).logits[:, -t - 1 : -1]
     y = exit_labels(full, exited, labels)
-    feats = prompt_features(adapter, inputs, labels, captured[layer])
+    visual, prompt = prompt_masks(adapter, inputs, labels)
+    feats = gate_features(hidden, visual.to(hidden.device), prompt.to(hidden.device))
     logits = gates.logits(layer, feats)
     loss = nn.functional.cross_entropy(logits, y.to(logits.device))
     return loss, {"exit_share": float(y.float().mean()), "layer": float(layer)}
@@ -214,10 +217,11 @@ def exit_report(model: Any, gates_file: str | Path, batches: Callable[[int], Bat
         inputs, answer_len = batches(step)
         labels = answer_labels(inputs["input_ids"], answer_len)
         t = labels.shape[1]
-        captured, full = layer_outputs(model, adapter, inputs, t)
+        captured, full = layer_outputs(model, adapter, inputs, t, list(range(layers)))
+        visual, prompt = (m.to(full.device) for m in prompt_masks(adapter, inputs, labels))
         exit_at = torch.full((labels.shape[0],), layers)
         for layer in reversed(range(layers)):  # the first router that fires wins
-            fire = exit_decision(gates.logits(layer, prompt_features(adapter, inputs, labels, captured[layer]))).cpu()
+            fire = exit_decision(gates.logits(layer, gate_features(captured[layer], visual, prompt))).cpu()
             exit_at[fire] = layer + 1
         out = full.argmax(-1)
         for k in exit_at.unique().tolist():
