@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from vlmprune import context
-from vlmprune.methods.base import VisualGroup
+from vlmprune.seams.pre_llm import VisualGroup
 
 
 @dataclass

@@ -28,8 +28,8 @@ import torch
 from torch import Tensor, nn
 
 from vlmprune import context
-from vlmprune.methods.base import VisualGroup
-from vlmprune.methods.scoring import cls_attention_scores
+from vlmprune.scoring import cls_attention_scores
+from vlmprune.seams.pre_llm import VisualGroup
 
 from .base import Adapter
 from .llava import encoder_layers, feature_layer_index

@@ -8,8 +8,8 @@ import torch
 from torch import Tensor, nn
 
 from vlmprune import context
-from vlmprune.methods.base import VisualGroup
-from vlmprune.methods.scoring import cls_attention_scores, mean_received_attention
+from vlmprune.scoring import cls_attention_scores, mean_received_attention
+from vlmprune.seams.pre_llm import VisualGroup
 
 from .base import Adapter, MergeBlock, MergeLayout, capture_projections
 

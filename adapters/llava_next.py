@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 from vlmprune import context
-from vlmprune.methods.base import VisualGroup
+from vlmprune.seams.pre_llm import VisualGroup
 
 from .base import Adapter
 from .llava import ClipScoringMixin, tower_has_cls

@@ -31,8 +31,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from vlmprune import context
-from vlmprune.methods.base import VisualGroup
-from vlmprune.methods.scoring import mean_received_attention
+from vlmprune.scoring import mean_received_attention
+from vlmprune.seams.pre_llm import VisualGroup
 
 from .base import Adapter
 

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from vlmprune.adapters.llava import encoder_layers, feature_layer_index
-from vlmprune.methods.scoring import cls_attention_scores
+from vlmprune.scoring import cls_attention_scores
 
 from . import data
 
@@ -60,8 +60,8 @@ def save_heatmaps(model: Any, processor: Any, path: str | Path, n: int = 4, spli
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from vlmprune.methods.base import keep_count
-    from vlmprune.methods.scoring import topk_indices
+    from vlmprune.method import keep_count
+    from vlmprune.scoring import topk_indices
 
     samples = data.image_split(split, n)
     pixels = processor.image_processor([s.image for s in samples], return_tensors="pt")["pixel_values"]
@@ -144,8 +144,8 @@ def count_when_objects_kept(model: Any, processor: Any, ratio: float, n: int = 1
     """Is FasterVLM's counting loss a matter of dropped object patches? Counts are scored
     separately on images where the kept patches cover every object patch and on the others."""
     import vlmprune
-    from vlmprune.methods.base import keep_count
-    from vlmprune.methods.scoring import topk_indices
+    from vlmprune.method import keep_count
+    from vlmprune.scoring import topk_indices
 
     from . import builtin, train
 

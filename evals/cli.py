@@ -220,5 +220,11 @@ def main(argv: list[str] | None = None, prog: str = "vlmprune-eval") -> int:
     return 0
 
 
+
+def command(argv: list[str] | None = None) -> int:
+    """``vlmprune eval``: the same as ``vlmprune-eval``."""
+    return main(argv, prog="vlmprune eval")
+
+
 if __name__ == "__main__":
     raise SystemExit(main())

@@ -196,7 +196,7 @@ plt.tight_layout(); plt.show()
     md("Which patches FasterVLM keeps at 0.75 on the two mosaics (each is 4 frames; green = kept):"),
     code("""
 from vlmprune.evals import analysis
-from vlmprune.methods.base import keep_count
+from vlmprune.method import keep_count
 
 scores = analysis.cls_attention(model, inputs["pixel_values"])          # (2, 16, 16)
 fig, axes = plt.subplots(1, 2, figsize=(8, 4))

@@ -21,9 +21,10 @@ from transformers import CLIPVisionConfig, LlavaConfig, LlavaForConditionalGener
 import vlmprune
 import vlmprune.adapters
 import vlmprune.flops
-from vlmprune import calibrate as cal
-from vlmprune.methods import dymu, vtu
-from vlmprune.methods import token_merge as tm
+from vlmprune.methods import dymu
+from vlmprune.methods.dymu import calibrate as cal
+from vlmprune.methods.dymu import merge as tm
+from vlmprune.methods.dymu import unmerge as vtu
 
 sys.path.insert(0, str(Path(__file__).parent))
 from tiny import IMAGE_TOKEN, PAD, llama_config  # noqa: E402
@@ -452,7 +453,7 @@ def test_builtin_presets_on_the_builtin_model(builtin):
     from vlmprune.evals.data import make_image
 
     if not all((dymu.preset_dir() / f"{p}.json").is_file() for p in dymu.PRESETS):
-        pytest.skip("presets not generated (python -m vlmprune.calibrate --presets)")
+        pytest.skip("presets not generated (python -m vlmprune.methods.dymu.calibrate --presets)")
     model, processor = builtin
     imgs = [make_image("test", i).image for i in range(24)]
     pv = processor.image_processor(images=imgs, return_tensors="pt")["pixel_values"]

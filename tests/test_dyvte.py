@@ -445,7 +445,7 @@ def test_flops_count_each_layer_at_its_length(exit_layer):
 
 # -- gate training ---------------------------------------------------------------------------------
 def test_answer_labels_right_aligned():
-    from vlmprune.training.gates import answer_labels
+    from vlmprune.methods.dyvte.training import answer_labels
 
     ids = torch.tensor([[5, 6, 7, 8], [0, 5, 6, 9]])
     assert answer_labels(ids, torch.tensor([2, 1])).tolist() == [[7, 8], [-100, 9]]
@@ -454,7 +454,7 @@ def test_answer_labels_right_aligned():
 def test_gate_step_labels_and_last_layer_always_exits():
     """Exiting after the last layer changes nothing, so every sample is labelled "exit"."""
     from vlmprune.adapters import for_model
-    from vlmprune.training.gates import gate_step
+    from vlmprune.methods.dyvte.training import gate_step
 
     model = tiny_llava4()
     x = llava_batch([(3, 4), (1, 6)])
@@ -471,7 +471,7 @@ def test_gate_step_labels_and_last_layer_always_exits():
 
 def test_train_gates_cli_steps_resume_and_frozen_model(tmp_path):
     from vlmprune.evals.builtin import build_untrained
-    from vlmprune.training.gates import build_parser, builtin_batches, exit_report, train_gates
+    from vlmprune.methods.dyvte.training import build_parser, builtin_batches, exit_report, train_gates
 
     model, processor = build_untrained(seed=0)
     before = {k: v.clone() for k, v in model.state_dict().items()}
@@ -493,7 +493,7 @@ def test_exit_report_decides_from_the_prompt_as_a_prefill_does(tmp_path):
     the prefill holds the prompt alone (not the teacher-forced answer)."""
     from vlmprune.adapters import for_model
     from vlmprune.evals.builtin import build_untrained
-    from vlmprune.training.gates import builtin_batches, exit_report
+    from vlmprune.methods.dyvte.training import builtin_batches, exit_report
 
     model, processor = build_untrained(seed=0)
     adapter = for_model(model)

@@ -18,7 +18,8 @@ from transformers import CLIPVisionConfig, LlavaConfig, LlavaForConditionalGener
 
 import vlmprune
 from vlmprune.adapters import for_model
-from vlmprune.methods.draft import (
+from vlmprune.methods.flash import FlashConfig, untrained_head
+from vlmprune.methods.flash.draft import (
     DraftCache,
     DraftError,
     DraftHead,
@@ -30,8 +31,7 @@ from vlmprune.methods.draft import (
     save_draft,
     tile_targets,
 )
-from vlmprune.methods.flash import FlashConfig, untrained_head
-from vlmprune.speculative import Sampling, verify_chain_sampling, verify_greedy, verify_siblings
+from vlmprune.seams.decode import Sampling, verify_chain_sampling, verify_greedy, verify_siblings
 
 from tiny import llama_config, tiny_llava
 
@@ -480,7 +480,7 @@ def test_adapter_families_expose_visual_ids():
 
 
 def test_training_smoke_loss_falls_and_resumes(tmp_path):
-    from vlmprune.training.draft import distill, draft_step
+    from vlmprune.methods.flash.training import distill, draft_step
     from vlmprune.training.loop import LoopConfig, train_loop
 
     model = _llava()
@@ -568,7 +568,7 @@ def test_tree_sampling_runs_and_tree_refuses_pruning():
 
 
 def test_shipped_draft_fits_the_builtin_model_and_bench_smoke():
-    from vlmprune import bench_flash
+    from vlmprune.methods.flash import bench as bench_flash
 
     path = bench_flash.default_draft()
     if not (path / "draft.safetensors").exists():

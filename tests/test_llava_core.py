@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import vlmprune
-from vlmprune.methods.base import keep_count
+from vlmprune.method import keep_count
 
 from tiny import IMAGE_TOKEN, PAD, llava_inputs, tiny_llava
 

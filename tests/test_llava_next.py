@@ -25,7 +25,7 @@ from transformers import (
 from transformers.image_processing_utils import select_best_resolution
 
 import vlmprune
-from vlmprune.methods.base import keep_count
+from vlmprune.method import keep_count
 
 from tiny import PAD, llama_config
 

@@ -28,8 +28,8 @@ from transformers import (
 import vlmprune
 from vlmprune import context
 from vlmprune.adapters.qwen2_vl import Qwen2VLAdapter, frame_received_attention
-from vlmprune.methods.base import keep_count
-from vlmprune.methods.scoring import mean_received_attention, pooled_grid
+from vlmprune.method import keep_count
+from vlmprune.scoring import mean_received_attention, pooled_grid
 
 
 @pytest.fixture(autouse=True)

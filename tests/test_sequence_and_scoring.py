@@ -5,15 +5,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-from vlmprune.methods.base import Reduction, VisualGroup, keep_count
-from vlmprune.methods.scoring import (
+from vlmprune.method import keep_count
+from vlmprune.scoring import (
     adaptive_pool_weights,
     cls_attention_scores,
     mean_received_attention,
     pooled_grid,
     topk_indices,
 )
-from vlmprune.pre_llm import apply_reductions
+from vlmprune.seams.pre_llm import Reduction, VisualGroup, apply_reductions
 from vlmprune.sequence import decode_positions, gather_columns, padding_side, prune_sequence
 
 

@@ -14,8 +14,8 @@ from transformers import CLIPVisionConfig, LlavaConfig, LlavaForConditionalGener
 
 import vlmprune
 from vlmprune.flops import cross_attention_flops
-from vlmprune.hybrid_layers import AdapterFileError, load_adapter, save_adapter
-from vlmprune.methods import video_pool as vp
+from vlmprune.methods.slowfast import pooling as vp
+from vlmprune.methods.slowfast.hybrid import AdapterFileError, load_adapter, save_adapter
 
 from tiny import IMAGE_TOKEN, PAD, llama_config
 
@@ -322,7 +322,7 @@ def test_adapter_save_load_round_trip(model, tmp_path):
 
 def test_training_smoke(tmp_path):
     from vlmprune.evals.builtin import Sizes, build_untrained, save_builtin
-    from vlmprune.training.slowfast import main
+    from vlmprune.methods.slowfast.training import main
 
     small = Sizes(vision_hidden=32, vision_layers=1, vision_heads=2, vision_mlp=64, text_hidden=32, text_layers=2,
                   text_heads=2, text_mlp=64)

@@ -9,7 +9,7 @@ from torch import nn
 
 from . import registry
 from .hooks import HookSet
-from .methods.base import Method, MethodConfig, PreLLMMethod, Stage
+from .method import Method, MethodConfig, Stage
 from .stats import Stats
 
 _ATTR = "_vlmprune_handles"
@@ -142,12 +142,7 @@ def apply(model: nn.Module, method: Any = "fastervlm", **options: Any) -> Handle
     handle = Handle(model, methods, hooks)
     try:
         for m in methods:
-            if isinstance(m, PreLLMMethod):
-                from .pre_llm import PreLLMSeam
-
-                PreLLMSeam(adapter, m, handle).install(hooks)
-            else:
-                m.install(hooks, handle)
+            m.install(hooks, handle)
     except BaseException:
         hooks.remove()
         raise

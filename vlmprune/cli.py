@@ -1,8 +1,11 @@
-"""The ``vlmprune`` console script: ``vlmprune bench``, ``vlmprune eval`` (and more sub-commands as they land)."""
+"""The ``vlmprune`` console script: ``vlmprune bench`` here; every other sub-command comes from a method
+(``Method.commands``) or an installed package (the ``vlmprune.commands`` entry-point group), so this
+file names no method."""
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import sys
 from pathlib import Path
@@ -52,76 +55,59 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--seed", type=int, default=0)
     b.add_argument("--output", help="also write the rows as JSON to this file")
     b.set_defaults(func=_bench)
-    e = sub.add_parser("eval", add_help=False,
-                       help="accuracy vs FLOPs on the built-in benchmark (same as vlmprune-eval; see vlmprune eval --help)")
-    e.set_defaults(func=_eval)
-    t = sub.add_parser("train-builtin", add_help=False,
-                       help="train the built-in benchmark model from scratch (see vlmprune train-builtin --help)")
-    t.set_defaults(func=_train_builtin)
-    g = sub.add_parser("train-gates", add_help=False,
-                       help="train DyVTE exit gates on a frozen model (see vlmprune train-gates --help)")
-    g.set_defaults(func=_train_gates)
-    sf = sub.add_parser("train-slowfast", add_help=False,
-                        help="train slow-fast hybrid layers on a frozen model (see vlmprune train-slowfast --help)")
-    sf.set_defaults(func=_train_slowfast)
-    c = sub.add_parser("calibrate", add_help=False,
-                       help="calibrate DyMU merge thresholds for a target token count (see vlmprune calibrate dymu --help)")
-    c.set_defaults(func=_calibrate)
-    d = sub.add_parser("train-draft", add_help=False,
-                       help="train a FLASH speculative-decoding draft on a frozen model (see vlmprune train-draft --help)")
-    d.set_defaults(func=_train_draft)
-    bf = sub.add_parser("bench-flash", add_help=False,
-                        help="FLASH decode speed-up over plain greedy generate, interleaved (see vlmprune bench-flash --help)")
-    bf.set_defaults(func=_bench_flash)
+    for name, (target, text) in sorted(_forwarded_commands().items()):
+        sub.add_parser(name, add_help=False, help=text).set_defaults(func=_forward(name, target))
     return parser
 
 
-def _train_draft(args: argparse.Namespace, rest: list[str]) -> int:
-    from .training.draft import main as draft_main
+def _forwarded_commands() -> dict[str, tuple[str, str]]:
+    """Sub-commands that own their parser: those the registered methods declare (``Method.commands``,
+    e.g. a trainer or a calibration) and those other installed packages declare in the
+    ``vlmprune.commands`` entry-point group (the built-in benchmark's ``eval`` and ``train-builtin``).
+    ``calibrate`` is one command whose first argument names the method."""
+    from importlib.metadata import entry_points
 
-    return draft_main(rest)
+    from .registry import available_methods, lookup
 
-
-def _bench_flash(args: argparse.Namespace, rest: list[str]) -> int:
-    from .bench_flash import main as bench_flash_main
-
-    return bench_flash_main(rest)
-
-
-def _calibrate(args: argparse.Namespace, rest: list[str]) -> int:
-    from .calibrate import main as calibrate_main
-
-    return calibrate_main(rest)
-
-
-def _train_slowfast(args: argparse.Namespace, rest: list[str]) -> int:
-    from .training.slowfast import main as slowfast_main
-
-    return slowfast_main(rest)
-
-
-def _train_gates(args: argparse.Namespace, rest: list[str]) -> int:
-    from .training.gates import main as gates_main
-
-    return gates_main(rest)
+    found: dict[str, tuple[str, str]] = {}
+    calibrated = []
+    for name in available_methods():
+        for cmd, (target, text) in getattr(lookup(name)[1], "commands", {}).items():
+            if cmd == "calibrate":
+                calibrated.append(name)
+                found[f"calibrate {name}"] = (target, text)
+            else:
+                found[cmd] = (target, text)
+    if calibrated:
+        found["calibrate"] = ("", f"calibrate a method's parameters ({', '.join(calibrated)}); "
+                                  "see vlmprune calibrate METHOD --help")
+    for ep in entry_points(group="vlmprune.commands"):
+        found.setdefault(ep.name, (ep.value, f"see vlmprune {ep.name} --help"))
+    return {k: v for k, v in found.items() if " " not in k} | {k: v for k, v in found.items() if " " in k}
 
 
-def _train_builtin(args: argparse.Namespace, rest: list[str]) -> int:
-    from .evals.train import main as train_main
+def _forward(name: str, target: str) -> object:
+    def run(args: argparse.Namespace, rest: list[str]) -> int:
+        entry = target
+        if name == "calibrate":  # the method named first picks the calibration
+            method = rest[0] if rest else ""
+            entry = _forwarded_commands().get(f"calibrate {method}", ("", ""))[0]
+            if not entry:
+                names = [k.split(" ", 1)[1] for k in _forwarded_commands() if k.startswith("calibrate ")]
+                print(f"vlmprune calibrate: name the method to calibrate first, one of: {', '.join(names)}",
+                      file=sys.stderr)
+                return 2
+        module, _, func = entry.partition(":")
+        return importlib.import_module(module).__dict__[func](rest)
 
-    return train_main(rest)
-
-
-def _eval(args: argparse.Namespace, rest: list[str]) -> int:
-    from .evals.cli import main as eval_main
-
-    return eval_main(rest, prog="vlmprune eval")
+    run.forwarded = True  # type: ignore[attr-defined]
+    return run
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, rest = parser.parse_known_args(argv)
-    if args.func in (_eval, _train_builtin, _train_gates, _train_slowfast, _calibrate, _train_draft, _bench_flash):  # the sub-command's own parser takes the rest
+    if getattr(args.func, "forwarded", False):  # the sub-command's own parser takes the rest
         return args.func(args, rest)
     if rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")

@@ -24,7 +24,7 @@ class CallContext:
     captured: dict[str, list[Any]] = field(default_factory=dict)  # per vision-tower call, in call order
     columns: Any = None  # column map of the last pruning, for labels
     visual: Any = None  # (B, n) bool: visual columns of the sequence the decoder received
-    llm_state: Any = None  # the in-LLM seam's state for this call (vlmprune.llm_exit.ExitState)
+    llm_state: Any = None  # the in-LLM seam's state for this call (vlmprune.seams.in_llm.ExitState)
     token: contextvars.Token | None = None
     depth: int = 0
     serial: int = field(default_factory=lambda: next(_SERIALS))  # tells the records of one call apart

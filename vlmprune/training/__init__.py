@@ -1,5 +1,6 @@
-"""The one training loop the trainable parts share (built-in model now; gates, drafts later)."""
+"""The one training loop the trainable parts share (the built-in model, DyVTE gates, slow-fast
+hybrid layers, FLASH drafts); each method's training step lives in its own folder."""
 
-from .loop import LoopConfig, train_loop
+from .loop import LoopConfig, add_run_args, train_loop
 
-__all__ = ["LoopConfig", "train_loop"]
+__all__ = ["LoopConfig", "add_run_args", "train_loop"]

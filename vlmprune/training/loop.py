@@ -146,3 +146,12 @@ def _save(
     )
     tmp.replace(path)
     (path.parent / "history.json").write_text(json.dumps(history, indent=1))
+
+
+def add_run_args(p: Any) -> None:
+    """The options every trainer shares: time cap, device, threads, seed, fresh start."""
+    p.add_argument("--minutes", type=float, default=None, help="stop after this many minutes")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-resume", action="store_true", help="start afresh even if a resume state exists")

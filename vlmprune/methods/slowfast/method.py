@@ -1,5 +1,5 @@
 """Slow-Fast video tokens (Shi et al., arXiv 2504.01328; SF-LLaVA, Xu et al., arXiv 2407.15841),
-see ``shared/methods/slowfast.md``.
+``docs/methods/slowfast.md``.
 
 Three modes, one config:
 
@@ -30,101 +30,13 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
-from .base import Method, MethodConfig, Stage, check_choice
-from .video_pool import fast_pathway, slowfast_llava, spatial_pool
+from vlmprune import context
+from vlmprune.method import Method
+from vlmprune.registry import register_method
+from vlmprune.seams.pre_llm import PreLLMSeam
 
-MODES = ("pooling", "hybrid", "fast")
-LORA_TARGETS = ("q_proj", "v_proj")
-IMPLS = ("vanilla", "text-only-vanilla", "text-only-vanilla-masksystem")
-
-
-def _positive(name: str, value: object) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
-
-
-def _stride(name: str, value: object) -> tuple[int, int]:
-    if isinstance(value, int) and not isinstance(value, bool):
-        value = (value, value)
-    if not isinstance(value, (tuple, list)) or len(value) != 2:
-        raise ValueError(f"{name} must be an int or a (rows, cols) pair, got {value!r}")
-    for v in value:
-        _positive(name, v)
-    return int(value[0]), int(value[1])
-
-
-@dataclass(frozen=True)
-class SlowFastConfig(MethodConfig):
-    """Options (see the module docstring for the modes).
-
-    Fast pathway (``fast`` / ``hybrid``): ``s`` temporal sampling stride, ``t`` temporal pooling
-    stride, ``p`` spatial stride, ``min_fast_frames`` (spec §3); ``video_pooling_stride``: the
-    initial per-frame spatial pooling both pathways start from (spec §2).
-    Hybrid layers: ``layers`` (explicit indices) or ``range(min_layer, max_layer, every_n_layers)``
-    (``max_layer=None``: all layers); ``cross_attn_impl``; ``init_kv_from_lm`` (kv_proj starts as
-    the layer's own [k_proj; v_proj]); ``cross_attn_during_decode`` (False: generated tokens get
-    no cross-attention, the reference's behaviour); ``adapter``: a trained adapter file or
-    directory (``vlmprune train-slowfast``), whose layers and impl win over the options here.
-    Pooling (``pooling``): ``slow_frames``, ``slow_stride``, ``fast_frames`` (None: all) and
-    ``fast_stride``. Layout: ``mosaic`` (0: the model's own video input; m: images are m x m
-    frame mosaics) and ``mosaic_min_images`` (samples with fewer images are images, not videos).
-    ``lora_rank`` > 0 adds fresh (zero, so output-preserving) LoRA deltas on the LLM's q/v
-    projections, for training; a trained adapter brings its own.
-    """
-
-    method: ClassVar[str] = "slowfast"
-    stage: ClassVar[Stage] = Stage.PRE_LLM  # fast tokens; the hybrid layers also act inside the LLM
-    mode: str = "hybrid"
-    s: int = 1
-    t: int = 4
-    p: int = 2
-    min_fast_frames: int = 1
-    video_pooling_stride: int = 1
-    layers: tuple[int, ...] | None = None
-    min_layer: int = 0
-    max_layer: int | None = None
-    every_n_layers: int = 2
-    cross_attn_impl: str = "text-only-vanilla"
-    init_kv_from_lm: bool = True
-    cross_attn_during_decode: bool = False
-    adapter: str | None = None
-    slow_frames: int = 10
-    slow_stride: int | tuple[int, int] = (2, 1)
-    fast_frames: int | None = None
-    fast_stride: int | tuple[int, int] = 6
-    mosaic: int = 0
-    mosaic_min_images: int = 2
-    lora_rank: int = 0
-    lora_alpha: float = 16.0
-
-    def validate(self) -> None:
-        check_choice("mode", self.mode, MODES)
-        check_choice("cross_attn_impl", self.cross_attn_impl, IMPLS)
-        for name in ("s", "t", "p", "min_fast_frames", "video_pooling_stride", "every_n_layers", "slow_frames",
-                     "mosaic_min_images"):
-            _positive(name, getattr(self, name))
-        if self.fast_frames is not None:
-            _positive("fast_frames", self.fast_frames)
-        _stride("slow_stride", self.slow_stride)
-        _stride("fast_stride", self.fast_stride)
-        if isinstance(self.mosaic, bool) or not isinstance(self.mosaic, int) or self.mosaic < 0:
-            raise ValueError(f"mosaic must be 0 (native video input) or the frames per mosaic side, got {self.mosaic!r}")
-        if self.layers is not None and (
-            not isinstance(self.layers, (tuple, list)) or any(isinstance(i, bool) or not isinstance(i, int) or i < 0 for i in self.layers)
-        ):
-            raise ValueError(f"layers must be a tuple of decoder layer indices, got {self.layers!r}")
-        if self.min_layer < 0 or (self.max_layer is not None and self.max_layer < self.min_layer):
-            raise ValueError(f"need 0 <= min_layer <= max_layer, got {self.min_layer}, {self.max_layer}")
-        if self.mode != "hybrid" and (self.adapter is not None or self.cross_attn_during_decode or self.lora_rank):
-            raise ValueError("adapter=, cross_attn_during_decode= and lora_rank= only apply to mode='hybrid'")
-        if isinstance(self.lora_rank, bool) or not isinstance(self.lora_rank, int) or self.lora_rank < 0:
-            raise ValueError(f"lora_rank must be a non-negative integer, got {self.lora_rank!r}")
-
-    def hybrid_layers(self, num_layers: int) -> list[int]:
-        if self.layers is not None:
-            return sorted(set(int(i) for i in self.layers))
-        top = num_layers if self.max_layer is None else min(self.max_layer, num_layers)
-        return list(range(self.min_layer, top, self.every_n_layers))
+from .config import LORA_TARGETS, SlowFastConfig, _stride
+from .pooling import fast_pathway, slowfast_llava, spatial_pool
 
 
 @dataclass
@@ -178,8 +90,14 @@ def find_videos(groups: list[Any], mosaic: int, min_images: int) -> list[Video]:
     return videos
 
 
+@register_method
 class SlowFast(Method):
     """Installs the slow-fast seam (and, in hybrid mode, the hybrid layers) on one model."""
+
+    config_class = SlowFastConfig
+    commands = {
+        "train-slowfast": ("vlmprune.methods.slowfast.training:main", "train slow-fast hybrid layers on a frozen model (see vlmprune train-slowfast --help)"),
+    }
 
     needs_scores: ClassVar[str | None] = None
 
@@ -192,7 +110,7 @@ class SlowFast(Method):
             self._build_hybrid(config, adapter)
 
     def _build_hybrid(self, config: SlowFastConfig, adapter: Any) -> None:
-        from vlmprune.hybrid_layers import HybridAdapter, LoRA, load_adapter
+        from .hybrid import HybridAdapter, LoRA, load_adapter
 
         layers = adapter.decoder_layers
         param = next(adapter.decoder.parameters())
@@ -220,7 +138,7 @@ class SlowFast(Method):
         if self.lora is not None:  # first, so the hybrid layers see the adapted q projection
             self.lora.install(hooks, self.adapter.model)
         if self.hybrid is not None:
-            from vlmprune.hybrid_layers import install_hybrid_layers
+            from .hybrid import install_hybrid_layers
 
             install_hybrid_layers(hooks, self.adapter.decoder_layers, self.hybrid, seam.current_state)
 
@@ -255,13 +173,7 @@ def _check_divides(name: str, stride: tuple[int, int], grid: tuple[int, int]) ->
         )
 
 
-def _pre_llm_seam() -> type:
-    from vlmprune.pre_llm import PreLLMSeam
-
-    return PreLLMSeam
-
-
-class SlowFastSeam(_pre_llm_seam()):  # type: ignore[misc]
+class SlowFastSeam(PreLLMSeam):
     """The pre-LLM seam with a reduction over whole videos (several frame groups at once): the
     pooled tokens are written into the first video columns of their sample and the other video
     columns are dropped, so they sit as one contiguous run where the video was."""
@@ -272,8 +184,6 @@ class SlowFastSeam(_pre_llm_seam()):  # type: ignore[misc]
 
     # per-call state for the hybrid hooks
     def current_state(self) -> Any:
-        from vlmprune import context
-
         ctx = context.current(self.handle)
         if ctx is None or ctx.owner is not self.handle:
             return None
@@ -366,7 +276,7 @@ class SlowFastSeam(_pre_llm_seam()):  # type: ignore[misc]
         return out
 
     def _prefill_state(self, kwargs: dict, ctx: Any, slow: dict[int, Tensor], bsz: int) -> Any:
-        from vlmprune.hybrid_layers import HybridState
+        from .hybrid import HybridState
 
         emb = kwargs["inputs_embeds"]
         n = emb.shape[1]
@@ -402,8 +312,6 @@ class SlowFastSeam(_pre_llm_seam()):  # type: ignore[misc]
         return float(cross), float(gate)
 
     def _decoder_pre(self, module: Any, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
-        from vlmprune import context
-
         ctx = context.current(self.handle)
         if ctx is not None and ctx.owner is self.handle:
             ctx.captured.pop(_STATE, None)
@@ -420,7 +328,7 @@ class SlowFastSeam(_pre_llm_seam()):  # type: ignore[misc]
     def _start_decode(self, ctx: Any, saved: tuple[Tensor, Tensor], kwargs: dict, embeds: Tensor) -> None:
         """A decode step on a cache whose prefill had slow tokens (``cross_attn_during_decode``):
         the new tokens (text) query the same slow tokens; nothing is added to the KV cache."""
-        from vlmprune.hybrid_layers import HybridState
+        from .hybrid import HybridState
 
         slow, slow_mask = saved
         n = embeds.shape[1]

@@ -13,8 +13,8 @@ from typing import Any
 
 from torch import Tensor
 
-from . import context
-from .sequence import gather_columns
+from .. import context
+from ..sequence import gather_columns
 
 #: inputs of the multimodal model that adapters may need to locate visual tokens
 CAPTURED_INPUTS = (

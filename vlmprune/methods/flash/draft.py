@@ -27,7 +27,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from ..files import local_file
+from vlmprune.files import local_file
 
 DRAFT_FILE = "draft.safetensors"
 

@@ -22,7 +22,7 @@ def answer_batches(processor: Any, batch_size: int, seed: int, *, split: str = "
     """Batch ``step``: a clip with ``video_share`` (its question, or its caption with
     ``caption_share``), else an image with one of its questions; sample indices start at
     ``offset``, away from the ones the built-in model was trained on first."""
-    from vlmprune.evals import builtin, data
+    from . import builtin, data
 
     eos = processor.tokenizer.eos_token
 
@@ -50,12 +50,3 @@ def answer_batches(processor: Any, batch_size: int, seed: int, *, split: str = "
         return builtin.encode(processor, prompts, images), torch.tensor(lengths)
 
     return make
-
-
-def add_run_args(p: Any) -> None:
-    """The options every trainer shares: time cap, device, threads, seed, fresh start."""
-    p.add_argument("--minutes", type=float, default=None, help="stop after this many minutes")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--no-resume", action="store_true", help="start afresh even if a resume state exists")

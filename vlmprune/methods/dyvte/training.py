@@ -25,7 +25,10 @@ import torch
 from torch import Tensor, nn
 
 import vlmprune
-from vlmprune.methods.dyvte import (
+from vlmprune.training import LoopConfig, add_run_args, train_loop
+from vlmprune.training.data import Batch, answer_batches, answer_labels, load_model, train_and_held_out
+
+from .method import (
     DyVTEConfig,
     ExitGates,
     exit_decision,
@@ -34,19 +37,6 @@ from vlmprune.methods.dyvte import (
     load_gates,
     save_gates,
 )
-
-from .builtin_data import Batch, add_run_args, answer_batches
-from .loop import LoopConfig, train_loop
-
-
-def answer_labels(input_ids: Tensor, answer_len: Tensor) -> Tensor:
-    """(B, T) targets of the last T tokens (T = the longest answer), -100 where a sample's answer
-    is shorter; logits ``[:, -T-1:-1]`` score them."""
-    t = int(answer_len.max())
-    labels = input_ids[:, -t:].clone()
-    cols = torch.arange(t).unsqueeze(0)
-    labels[cols < (t - answer_len.unsqueeze(1))] = -100
-    return labels
 
 
 def layer_outputs(model: Any, adapter: Any, inputs: dict[str, Tensor], t: int,
@@ -106,67 +96,7 @@ def builtin_batches(processor: Any, batch_size: int, seed: int, split: str = "tr
     return answer_batches(processor, batch_size, seed, split=split, video_share=video_share)
 
 
-def train_and_held_out(processor: Any, args: Any, builtin: Callable[..., Callable[[int], Batch]]
-                       ) -> tuple[Callable[[int], Batch], Callable[[int], Batch]]:
-    """Training and held-out batches for a trainer's ``--data``: the built-in split's train and val
-    seeds, or a JSONL file (which has no held-out part, so the report reuses it)."""
-    if args.data == "builtin":
-        return (builtin(processor, args.batch_size, args.seed),
-                builtin(processor, args.batch_size, args.seed + 1, split="val"))
-    batches = jsonl_batches(processor, args.data, args.batch_size, args.seed)
-    return batches, batches
-
-
-def jsonl_batches(processor: Any, path: str | Path, batch_size: int, seed: int) -> Callable[[int], Batch]:
-    """Batches from a JSON-lines file (see the module docstring), shuffled per epoch."""
-    from PIL import Image
-
-    records = []
-    for n, line in enumerate(Path(path).read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-            images = rec["image"] if isinstance(rec["image"], list) else [rec["image"]]
-            records.append((images, str(rec["prompt"]), str(rec["answer"])))
-        except (json.JSONDecodeError, KeyError, TypeError) as exc:
-            raise ValueError(f"{path}:{n}: expected {{\"image\", \"prompt\", \"answer\"}} ({exc})") from None
-    if not records:
-        raise ValueError(f"{path}: no records")
-    tok = processor.tokenizer
-    tok.padding_side = "left"
-    base = Path(path).parent
-
-    def make(step: int) -> Batch:
-        per_epoch = max(1, len(records) // batch_size)
-        order = np.random.default_rng(seed + step // per_epoch).permutation(len(records))
-        chosen = [records[i] for i in order[(step % per_epoch) * batch_size :][:batch_size]]
-        texts, imgs, lengths = [], [], []
-        for images, prompt, answer in chosen:
-            texts.append(prompt + answer)
-            imgs += [Image.open(p if Path(p).is_absolute() else base / p).convert("RGB") for p in images]
-            lengths.append(len(tok(answer, add_special_tokens=False)["input_ids"]))
-        inputs = dict(processor(images=imgs, text=texts, return_tensors="pt", padding=True))
-        return inputs, torch.tensor(lengths)
-
-    return make
-
-
 # -- entry point -------------------------------------------------------------------------------------
-
-
-def load_model(spec: str, device: str) -> tuple[Any, Any]:
-    if spec == "builtin":
-        from vlmprune.evals.builtin import load_builtin
-
-        return load_builtin(device=device)
-    from transformers import AutoModelForImageTextToText, AutoProcessor
-
-    path = Path(spec)
-    if not path.is_dir():
-        raise ValueError(f"--model {spec!r}: expected 'builtin' or a local checkpoint directory (nothing is downloaded)")
-    model = AutoModelForImageTextToText.from_pretrained(path, local_files_only=True).to(device).eval()
-    return model, AutoProcessor.from_pretrained(path, local_files_only=True)
 
 
 def train_gates(model: Any, batches: Callable[[int], Batch], args: argparse.Namespace) -> tuple[ExitGates, dict[str, Any]]:

@@ -26,9 +26,11 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .hooks import HookSet
-from .methods import token_merge as tm
-from .methods.dymu import EncoderRun, Merger, preset_dir, save_thresholds, threshold_rule
+from vlmprune.hooks import HookSet
+
+from . import merge as tm
+from .method import EncoderRun, Merger, threshold_rule
+from .thresholds import preset_dir, save_thresholds
 
 #: target kept patch tokens of the built-in model's presets (256 patches; by analogy with the paper's
 #: low / mid / high means of about 89 / 195 / 394 of 576, i.e. ~15 / 34 / 68 %; "low" is 19 % because the
@@ -125,7 +127,7 @@ def _runs(model: Any, batches: list[Any], rule: Any) -> Iterable[tuple[int, Enco
     adapter, layout = _layout(model)
     param = next(model.parameters())
     if _is_post(layout) and layout.features is not None:  # fixed-size groups (InternVL tiles)
-        from .methods.dymu import post_merge
+        from .method import post_merge
 
         for pv in batches:
             feats = layout.features(pv.to(param.device, param.dtype))
@@ -133,7 +135,7 @@ def _runs(model: Any, batches: list[Any], rule: Any) -> Iterable[tuple[int, Enco
             yield len(sizes), post_merge(feats.reshape(-1, feats.shape[-1]), sizes, layout.rounds, rule)[1]
         return
     if _is_post(layout):
-        from .methods.dymu import post_merge
+        from .method import post_merge
 
         m = layout.merge_size
         for pv, grid in batches:
@@ -294,7 +296,9 @@ def load_images(source: str, processor: Any, limit: int) -> tuple[Tensor, Tensor
     """Processed pixel values of the calibration images (``builtin``: the built-in train split), and
     ``image_grid_thw`` for processors that pack patches (Qwen2-VL), else None."""
     if source == "builtin":
-        from vlmprune.evals.data import make_image
+        from vlmprune.artifacts import builtin_benchmark
+
+        make_image = builtin_benchmark().data.make_image
 
         images: Iterable[Any] = [make_image("train", i).image for i in range(limit)]
     else:
@@ -311,7 +315,9 @@ def load_images(source: str, processor: Any, limit: int) -> tuple[Tensor, Tensor
 
 def load_model(name: str) -> tuple[Any, Any]:
     if name == "builtin":
-        from vlmprune.evals.builtin import load_builtin
+        from vlmprune.artifacts import builtin_benchmark
+
+        load_builtin = builtin_benchmark().load_model
 
         return load_builtin()
     from transformers import AutoModelForImageTextToText, AutoProcessor
@@ -371,6 +377,6 @@ def main(argv: list[str] | None = None, prog: str = "vlmprune calibrate") -> int
     return 0
 
 
-if __name__ == "__main__":  # python -m vlmprune.calibrate [dymu] --presets | --target-tokens N --output F
+if __name__ == "__main__":  # python -m vlmprune.methods.dymu.calibrate [dymu] --presets | --target-tokens N --output F
     _args = sys.argv[1:]
     raise SystemExit(main(_args if _args[:1] == ["dymu"] else ["dymu", *_args]))

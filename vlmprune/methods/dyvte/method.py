@@ -1,26 +1,29 @@
-"""DyVTE: dynamic visual-token exit (Wu et al., arXiv 2411.19628), see ``shared/methods/dyvte.md``.
+"""DyVTE: dynamic visual-token exit (Wu et al., arXiv 2411.19628); ``docs/methods/dyvte.md``.
 
 After a few decoder layers the text has read what it needs from the image, so every visual
 token can leave the sequence at once. A fixed exit drops them before layer ``exit_layer``; the
 learned variant runs one small router per layer on the text tokens' state (mean of the text after
 the image, and the last prompt token) and exits each sample at the first layer whose router says
 so. This module holds the config, the routers and their decision and label rules as plain tensor
-functions, and the policies the in-LLM seam (:mod:`vlmprune.llm_exit`) calls; it knows no model
+functions, and the policies the in-LLM seam (:mod:`vlmprune.seams.in_llm`) calls; it knows no model
 class.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from ..files import local_file
-from .base import Method, MethodConfig, Stage
+from vlmprune.files import local_file
+from vlmprune.method import Method
+from vlmprune.registry import register_method
+from vlmprune.seams.in_llm import InLLMSeam
+
+from .config import DyVTEConfig
 
 GATES_FILE = "gates.safetensors"
 #: the reference implementation's state-dict prefix (``model.visual_gates_router.{i}.w{1,2}.weight``)
@@ -30,32 +33,6 @@ PREFIX = "visual_gates_router."
 
 class GatesError(ValueError):
     """A gates file is missing, corrupt, or was trained for a different model."""
-
-
-@dataclass(frozen=True)
-class DyVTEConfig(MethodConfig):
-    """``exit_layer=K``: layers ``0..K-1`` see the visual tokens, ``K..L-1`` do not (``K=L``: no
-    change). ``gates``: a gates file or a directory holding ``gates.safetensors``, for per-sample
-    learned exits. ``threshold``: exit when the router's softmax exit probability exceeds it (0.5
-    = the reference's argmax rule, a tie keeps the tokens)."""
-
-    method: ClassVar[str] = "dyvte"
-    stage: ClassVar[Stage] = Stage.LLM
-    exit_layer: int | None = None
-    gates: str | None = None
-    threshold: float = 0.5
-
-    def validate(self) -> None:
-        if (self.exit_layer is None) == (self.gates is None):
-            raise ValueError(
-                "dyvte needs exactly one of exit_layer=K (a fixed exit) or gates='path' (learned per-sample exits)"
-            )
-        if self.exit_layer is not None and (
-            isinstance(self.exit_layer, bool) or not isinstance(self.exit_layer, int) or self.exit_layer < 0
-        ):
-            raise ValueError(f"exit_layer must be an integer in 0..num_layers, got {self.exit_layer!r}")
-        if isinstance(self.threshold, bool) or not isinstance(self.threshold, (int, float)) or not 0.0 < self.threshold < 1.0:
-            raise ValueError(f"threshold must be in (0, 1), got {self.threshold!r}")
 
 
 # -- routers ---------------------------------------------------------------------------------------
@@ -257,7 +234,17 @@ class GatedExit:
         return float(self.calls * 2 * (2 * g.hidden_size * g.width + 2 * g.width))
 
 
+@register_method
 class DyVTE(Method):
+    """Visual tokens exit inside the LLM: the in-LLM seam asks :attr:`policy` which samples exit
+    after each layer (a fixed layer or the trained routers)."""
+
+    config_class = DyVTEConfig
+    commands = {
+        "train-gates": ("vlmprune.methods.dyvte.training:main", "train DyVTE exit gates on a frozen model (see vlmprune train-gates --help)"),
+    }
+    seams = (InLLMSeam,)
+
     def __init__(self, config: DyVTEConfig, adapter: Any) -> None:
         super().__init__(config, adapter)
         layers = len(adapter.decoder_layers)
@@ -273,8 +260,3 @@ class DyVTE(Method):
     @property
     def label(self) -> str:
         return self.policy.label
-
-    def install(self, hooks: Any, handle: Any) -> None:
-        from vlmprune.llm_exit import LLMExitSeam
-
-        LLMExitSeam(self.adapter, self.policy, handle).install(hooks)

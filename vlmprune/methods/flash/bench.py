@@ -22,13 +22,16 @@ import torch
 
 def default_draft() -> Path:
     """The shipped draft for the built-in model (next to the built-in checkpoint)."""
-    from vlmprune.evals.builtin import CHECKPOINT
+    from vlmprune.artifacts import shipped
 
-    return CHECKPOINT / "flash-draft"
+    return shipped("flash-draft")
 
 
 def _prompts(processor: Any, n: int, seed: int) -> list[dict[str, torch.Tensor]]:
-    from vlmprune.evals import builtin, data
+    from vlmprune.artifacts import builtin_benchmark
+
+    bench = builtin_benchmark()
+    builtin, data = bench.builtin, bench.data
 
     out = []
     for i in range(n):
@@ -44,9 +47,9 @@ def run(draft: str | Path | None, prompts: int = 12, repeats: int = 3, warmup: i
         variants: tuple[str, ...] = ("trained", "untrained"), tree: str | None = None,
         branches: int = 3) -> dict[str, Any]:
     import vlmprune
-    from vlmprune.evals.builtin import load_builtin
+    from vlmprune.artifacts import builtin_benchmark
 
-    model, processor = load_builtin(model_path)
+    model, processor = builtin_benchmark().load_model(model_path)
     inputs = _prompts(processor, prompts, seed)
     drafts: dict[str, Any] = {}
     if "trained" in variants:
@@ -54,7 +57,7 @@ def run(draft: str | Path | None, prompts: int = 12, repeats: int = 3, warmup: i
             raise SystemExit(f"vlmprune bench-flash: no draft at {draft}; train one with `vlmprune train-draft`")
         drafts["flash"] = str(draft)
     if "untrained" in variants:  # the same loop with a random head: what verification alone costs
-        from vlmprune.methods.flash import untrained_head
+        from .method import untrained_head
 
         torch.manual_seed(seed)
         drafts["flash-untrained"] = untrained_head(model, k=k or 1, latents=16)
@@ -70,7 +73,7 @@ def run(draft: str | Path | None, prompts: int = 12, repeats: int = 3, warmup: i
         return time.perf_counter() - t
 
     if "flash" in drafts:
-        from vlmprune.methods.draft import load_draft
+        from .draft import load_draft
 
         drafts["flash"] = load_draft(drafts["flash"])  # read once; checked against the model by apply
 

@@ -1,7 +1,7 @@
 """DyMU: dynamic token merging in the vision encoder + virtual token unmerging in the LLM
-(Wang et al., arXiv 2504.17040), see ``shared/methods/dymu.md`` and ``docs/dymu.md``.
+(Wang et al., arXiv 2504.17040); ``docs/methods/dymu.md``.
 
-* **DToMe** (encoder, :mod:`vlmprune.methods.token_merge`): every ViT block up to the feature layer
+* **DToMe** (encoder, :mod:`vlmprune.methods.dymu.merge`): every ViT block up to the feature layer
   merges, after its attention, each bipartite edge whose key cosine is above the block's calibrated
   threshold; sizes give proportional attention, membership rows (``pos``) say which patches each
   merged token holds. Simple images keep fewer tokens.
@@ -9,140 +9,40 @@
   (each patch slot gets its merged token), so the stock model's placeholder bookkeeping is
   untouched, and a decoder pre-hook collapses every group of slots to one column (its smallest
   column): the LLM sees one row per merged token.
-* **VTU** (LLM, :mod:`vlmprune.methods.vtu`): with ``vtu="fast"`` (default) or ``"exact"`` every
+* **VTU** (LLM, :mod:`vlmprune.methods.dymu.unmerge`): with ``vtu="fast"`` (default) or ``"exact"`` every
   attention layer attends as if each merged token sat at all its original positions; with
   ``vtu=False`` the merged tokens go in with consecutive positions (plain ToMe into the LLM).
 
-Thresholds come from ``vlmprune calibrate dymu`` (:mod:`vlmprune.calibrate`) as a JSON file, or a
+Thresholds come from ``vlmprune calibrate dymu`` (:mod:`vlmprune.methods.dymu.calibrate`) as a JSON file, or a
 shipped preset (``low`` / ``mid`` / ``high``) for the built-in model. This module knows no model
 class: the adapter says where the blocks, projector and attention modules are.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import weakref
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
 import torch
 from torch import Tensor
 
-from .. import context
-from ..scope import ensure_cache
-from ..sequence import decode_positions, default_positions, gather_columns, layer_mask, prune_sequence
-from ..stats import ForwardRecord
-from . import token_merge as tm
-from . import vtu as vtu_ops
-from .base import Method, MethodConfig, Stage
+from vlmprune import context
+from vlmprune.method import Method, Stage
+from vlmprune.registry import register_method
+from vlmprune.seams.scope import ensure_cache
+from vlmprune.sequence import decode_positions, default_positions, gather_columns, layer_mask, prune_sequence
+from vlmprune.stats import ForwardRecord
 
-PRESETS = ("low", "mid", "high")
-VTU_CHOICES = ("fast", "exact", False)
-FORMAT = "vlmprune-dymu-thresholds/1"
+from . import merge as tm
+from . import unmerge as vtu_ops
+from .config import DyMUConfig, ThresholdsError
+from .thresholds import load_thresholds, preset_dir
+
 _RUNS = "dymu.runs"
 _VTU = "dymu.vtu"
 _PROJ = "dymu.projected"
-
-
-class ThresholdsError(ValueError):
-    """A thresholds file is missing, malformed, or was calibrated for another model."""
-
-
-def preset_dir() -> Path:
-    """Where the built-in model's presets live (``vlmprune/evals/checkpoint/dymu``)."""
-    from vlmprune import evals
-
-    return Path(evals.__file__).parent / "checkpoint" / "dymu"
-
-
-@dataclass(frozen=True)
-class DyMUConfig(MethodConfig):
-    """``thresholds``: a JSON file from ``vlmprune calibrate dymu`` (or a list, one per vision block;
-    None / inf = never merge). ``preset``: ``low`` / ``mid`` / ``high``, calibrated for the built-in
-    model. ``vtu``: ``"fast"`` (default; expand q/k/v, stock attention, mean back), ``"exact"`` (the
-    paper's RoPE-decomposed scores, same output, eager maths) or False (no unmerging)."""
-
-    method: ClassVar[str] = "dymu"
-    stage: ClassVar[Stage] = Stage.ENCODER
-    thresholds: Any = None
-    preset: str | None = None
-    vtu: Any = "fast"
-
-    def validate(self) -> None:
-        if (self.thresholds is None) == (self.preset is None):
-            raise ValueError("dymu needs exactly one of thresholds='thresholds.json' (or a list) or preset='low'|'mid'|'high'")
-        if self.preset is not None and self.preset not in PRESETS:
-            raise ValueError(f"unknown DyMU preset {self.preset!r}; presets: {', '.join(PRESETS)} (built-in model only)")
-        if self.vtu not in VTU_CHOICES or self.vtu is True:
-            raise ValueError(f"vtu must be one of 'fast', 'exact' or False; got {self.vtu!r}")
-        if isinstance(self.thresholds, (list, tuple)):
-            object.__setattr__(self, "thresholds", tuple(_as_threshold(t) for t in self.thresholds))
-        elif self.thresholds is not None and not isinstance(self.thresholds, (str, Path)):
-            raise ValueError(f"thresholds must be a path or a list of numbers, got {type(self.thresholds).__name__}")
-
-
-def _as_threshold(value: Any) -> float:
-    if value is None:
-        return math.inf
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
-        raise ThresholdsError(f"a DyMU threshold must be a number (or null for 'never merge'), got {value!r}")
-    return float(value)
-
-
-# -- thresholds files ------------------------------------------------------------------------------
-
-
-def fingerprint(vision_config: Any) -> dict[str, Any]:
-    """The vision-tower sizes a thresholds file is tied to."""
-    keys = ("model_type", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-            "image_size", "patch_size", "depth", "embed_dim")
-    return {k: getattr(vision_config, k, None) for k in keys if getattr(vision_config, k, None) is not None}
-
-
-def save_thresholds(path: str | Path, thresholds: list[float], vision_config: Any, **info: Any) -> Path:
-    """Write the spec's storage format plus the model fingerprint (inf is written as null)."""
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    data = {
-        "format": FORMAT,
-        "encoder_id": vision_config.model_type,
-        "image_size": getattr(vision_config, "image_size", None),
-        **info,
-        "thresholds": [None if not math.isfinite(t) else float(t) for t in thresholds],
-        "fingerprint": fingerprint(vision_config),
-    }
-    p.write_text(json.dumps(data, indent=1))
-    return p
-
-
-def load_thresholds(source: Any, vision_config: Any, count: int | None = None) -> tuple[list[float], dict[str, Any]]:
-    """Thresholds (one per vision block, or ``count`` merge rounds) from a file, a preset name resolved by
-    the caller, or a list; checked against this model's vision tower."""
-    layers = int(count if count is not None else vision_config.num_hidden_layers)
-    if isinstance(source, (list, tuple)):
-        values, info = [_as_threshold(t) for t in source], {}
-    else:
-        p = Path(source)
-        if not p.is_file():
-            raise ThresholdsError(f"no DyMU thresholds file at {str(source)!r}; make one with `vlmprune calibrate dymu`")
-        try:
-            info = json.loads(p.read_text())
-            values = [_as_threshold(t) for t in info["thresholds"]]
-        except (json.JSONDecodeError, KeyError, TypeError) as exc:
-            raise ThresholdsError(f"{p} is not a DyMU thresholds file ({exc})") from exc
-        want = fingerprint(vision_config)
-        have = info.get("fingerprint")
-        diff = {k: (v, want.get(k)) for k, v in (have or {}).items() if v != want.get(k)}
-        if diff:
-            raise ThresholdsError(
-                f"the DyMU thresholds in {p} were calibrated for another vision tower "
-                f"(file vs this model: {diff}); calibrate for this model with `vlmprune calibrate dymu`"
-            )
-    if len(values) != layers:
-        raise ThresholdsError(f"{len(values)} DyMU thresholds given, but this model merges in {layers} blocks / rounds")
-    return values, info
 
 
 # -- the encoder half --------------------------------------------------------------------------
@@ -317,8 +217,14 @@ def collapse_map(
     return rep, kept
 
 
+@register_method
 class DyMU(Method):
     """Installs DToMe on the vision tower, the projector expansion, and the LLM seam (VTU or not)."""
+
+    config_class = DyMUConfig
+    commands = {
+        "calibrate": ("vlmprune.methods.dymu.calibrate:main", "calibrate DyMU merge thresholds for a target token count (see vlmprune calibrate dymu --help)"),
+    }
 
     def __init__(self, config: DyMUConfig, adapter: Any) -> None:
         super().__init__(config, adapter)
@@ -329,7 +235,7 @@ class DyMU(Method):
             if not source.is_file():
                 raise ThresholdsError(
                     f"DyMU preset {config.preset!r} is not shipped at {source}; regenerate the presets with "
-                    "`python -m vlmprune.calibrate --presets`"
+                    "`python -m vlmprune.methods.dymu.calibrate --presets`"
                 )
         from vlmprune.adapters.base import PostMergeLayout
 
@@ -346,7 +252,7 @@ class DyMU(Method):
 
     # -- install --------------------------------------------------------------------------------
     def install(self, hooks: Any, handle: Any) -> None:
-        from ..scope import install_scope
+        from vlmprune.seams.scope import install_scope
 
         self.handle = handle
         if self.kernel != "off":
@@ -574,12 +480,12 @@ class DyMU(Method):
     # -- stats ------------------------------------------------------------------------------------
     def _record(self, module: Any, runs: list[EncoderRun], visual_in: list[int], visual_out: list[int],
                 llm_tokens: list[int], seq_len: int, kv_len: list[int], kept: list[int], ctx: Any) -> None:
-        from ..flops import vit_flops_at_lengths
+        from vlmprune.flops import vit_flops_at_lengths
 
         enc_tokens: list[list[int]] = []
         vision = projector = 0.0
         if self.post:
-            from ..flops import vision_flops as stock_vision
+            from vlmprune.flops import vision_flops as stock_vision
 
             vision, projector = stock_vision(self.adapter.config, ctx.inputs)
         for run in runs:
@@ -665,7 +571,7 @@ def flops(handle: Any, inputs: dict[str, Any], generated_tokens: int = 0) -> Any
     """The last DyMU call's FLOPs with the encoder at its shrinking per-block lengths, the projector at
     the merged length, the LLM at the compact length (plus VTU's full-length attention as overhead) and
     decode over the real KV length (full length under VTU). A :class:`vlmprune.flops.FlopsReport`."""
-    from ..flops import FlopsReport, decode_flops, estimate
+    from vlmprune.flops import FlopsReport, decode_flops, estimate
 
     record = next((r for r in reversed(handle.stats.records) if r.vision_flops is not None), None)
     if record is None:

@@ -24,8 +24,8 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor, nn
 
-from . import context
-from .stats import DecodeRecord
+from .. import context
+from ..stats import DecodeRecord
 
 #: where the decoder's last hidden states go while a speculative call runs (None otherwise)
 _CAPTURE: ContextVar[list | None] = ContextVar("vlmprune_flash_capture", default=None)
@@ -186,125 +186,6 @@ class Drafter(Protocol):
     ) -> tuple[Tensor, Tensor | None]: ...
 
 
-class HeadDrafter:
-    """FLASH's drafter: the draft head over the target's frozen embedding and LM head.
-
-    The draft cache holds the *stable* prefix (real target features only). ``extend`` queues the
-    newly accepted pairs ``(f_t, x_{t+1})``; ``propose`` first crops the speculative entries of the
-    previous round, runs the queued pairs (whose last output gives the first ``k`` drafts), then,
-    for depth beyond ``k``, feeds the drafted tokens with their *predicted* features (EAGLE's
-    stand-in) and runs again: depth D costs ``ceil(D / k)`` forwards.
-    """
-
-    def __init__(self, head: nn.Module, embed: nn.Module, lm_head: nn.Module, k: int | None = None) -> None:
-        from .methods.draft import DraftCache
-
-        self.head = head
-        self.embed = embed
-        self.lm_head = lm_head
-        self.k = min(k or head.spec.k, head.spec.k)
-        self.cache = DraftCache()
-        self.stable = 0
-        self.pending: Tensor | None = None
-        self.forwards = 0
-
-    def reset(self, prompt: PromptView, first_token: int) -> None:
-        from .methods.draft import DraftCache, draft_context
-
-        nxt = torch.cat([prompt.ids[1:], prompt.ids.new_tensor([first_token])])
-        seq, _ = draft_context(self.head, self.embed(nxt.to(self.embed.weight.device)), prompt.hidden, prompt.visual)
-        self.cache = DraftCache()
-        self.stable = 0
-        self.pending = seq
-        self.forwards = 0
-
-    def extend(self, next_tokens: Tensor, features: Tensor) -> None:
-        self.cache.crop(self.stable)  # drop the round's speculative entries: keep the accepted path only
-        self.cache.keep_row(0)  # a tree round expanded it to one row per branch
-        fused = self.head.fuse(self.embed(next_tokens.to(self.embed.weight.device)), features)
-        self.pending = fused if self.pending is None else torch.cat([self.pending, fused], dim=0)
-
-    def _tokens(self, feats: Tensor, sampling: Sampling | None, gen: torch.Generator | None) -> tuple[Tensor, Tensor | None]:
-        logits = self.lm_head(feats.to(self.lm_head.weight.dtype))
-        if sampling is None:
-            return logits.argmax(-1), None
-        q = sampling.probs(logits)
-        return torch.multinomial(q, 1, generator=gen).squeeze(-1), q
-
-    def propose(
-        self, depth: int, sampling: Sampling | None, generator: torch.Generator | None
-    ) -> tuple[Tensor, Tensor | None]:
-        self.cache.crop(self.stable)
-        x = self.pending
-        if x is None or x.shape[0] == 0:
-            raise RuntimeError("flash: the drafter has no new context (extend() was not called)")
-        out = self.head(x.unsqueeze(0), cache=self.cache)[0]  # (m, k, H)
-        self.forwards += 1
-        self.stable += x.shape[0]
-        self.pending = None
-        tokens, probs = [], []
-        feats = out[-1, : self.k]
-        while True:
-            tok, q = self._tokens(feats, sampling, generator)
-            tokens.append(tok)
-            if q is not None:
-                probs.append(q)
-            if sum(t.shape[0] for t in tokens) >= depth:
-                break
-            nxt = self.head.fuse(self.embed(tok), feats)  # pairs (f̂_{t+i}, x_{t+1+i})
-            feats = self.head(nxt.unsqueeze(0), cache=self.cache)[0, -1, : self.k]
-            self.forwards += 1
-        drafted = torch.cat(tokens)[:depth]
-        return drafted, (torch.cat(probs)[:depth] if probs else None)
-
-    def propose_tree(
-        self, depth: int, branches: int, sampling: Sampling | None, generator: torch.Generator | None
-    ) -> tuple[Tensor, Tensor | None]:
-        """(tokens (w, D), q (w, D, V) or None): top-w (greedy) or w draws without replacement
-        (sampling) at offset 1; offsets 2..k of the same forward are shared (they do not condition
-        on offset 1); deeper, every branch runs on as a chain, the branches batched."""
-        self.cache.crop(self.stable)
-        self.cache.keep_row(0)
-        x = self.pending
-        if x is None or x.shape[0] == 0:
-            raise RuntimeError("flash: the drafter has no new context (extend() was not called)")
-        out = self.head(x.unsqueeze(0), cache=self.cache)[0]
-        self.forwards += 1
-        self.stable += x.shape[0]
-        self.pending = None
-        feats = out[-1, : self.k]  # (k, H)
-        logits = self.lm_head(feats.to(self.lm_head.weight.dtype))
-        w = min(branches, logits.shape[-1])
-        if sampling is None:
-            first = torch.topk(logits[0], w).indices
-            rest = logits[1:].argmax(-1)
-            q = None
-        else:
-            q = sampling.probs(logits)
-            first = torch.multinomial(q[0], w, replacement=False, generator=generator)
-            rest = torch.multinomial(q[1:], 1, generator=generator).squeeze(-1) if q.shape[0] > 1 else first[:0]
-        tokens = torch.cat([first.unsqueeze(1), rest.unsqueeze(0).expand(w, -1)], dim=1)  # (w, k)
-        qs = None if q is None else q.unsqueeze(0).expand(w, -1, -1)
-        last_feats = feats.unsqueeze(0).expand(w, -1, -1)  # (w, k, H)
-        last_tokens = tokens
-        if tokens.shape[1] < depth:
-            self.cache.expand_rows(w)
-        while tokens.shape[1] < depth:
-            nxt = self.head.fuse(self.embed(last_tokens), last_feats)
-            f = self.head(nxt, cache=self.cache)[:, -1, : self.k]  # (w, k, H)
-            self.forwards += 1
-            lg = self.lm_head(f.to(self.lm_head.weight.dtype))
-            if sampling is None:
-                tok = lg.argmax(-1)
-            else:
-                qq = sampling.probs(lg)
-                tok = torch.multinomial(qq.flatten(0, 1), 1, generator=generator).view(w, -1)
-                qs = torch.cat([qs, qq], dim=1)
-            tokens = torch.cat([tokens, tok], dim=1)
-            last_tokens, last_feats = tok, f
-        return tokens[:, :depth], (qs[:, :depth] if qs is not None else None)
-
-
 # -- target side -----------------------------------------------------------------------------------
 
 
@@ -423,7 +304,7 @@ def speculative_generate(
                     "flash: the decoder saw a different number of columns than the prompt has, and no "
                     "pruning seam reported its column map; cannot align the draft's context"
                 )
-            from .sequence import gather_columns
+            from ..sequence import gather_columns
 
             dec_ids = gather_columns(input_ids, columns, 0)[0]
             visual = vis[0] if vis is not None else torch.isin(dec_ids, visual_ids)
@@ -539,3 +420,27 @@ def _keep_columns(cache: Any, past: int, path: Tensor) -> None:
             continue
         layer.keys = layer.keys.index_select(-2, keep.to(layer.keys.device))
         layer.values = layer.values.index_select(-2, keep.to(layer.values.device))
+
+
+class DecodeSeam:
+    """The decode seam: ``generate`` on this instance becomes the method's own loop.
+
+    Contract: the method implements ``generate(handle, input_ids=None, **kwargs)`` (built on
+    :func:`speculative_generate` or its own loop); the seam records the decoder's last hidden states
+    for drafters (:func:`feature_hook`) and swaps ``generate`` on the instance only, so
+    ``handle.remove()`` gives the stock ``generate`` back."""
+
+    def __init__(self, adapter: Any, method: Any, handle: Any) -> None:
+        self.adapter = adapter
+        self.method = method
+        self.handle = handle
+
+    def install(self, hooks: Any) -> None:
+        hooks.forward(self.adapter.decoder, feature_hook)
+        method, handle = self.method, self.handle
+
+        def generate(*args: Any, **kwargs: Any) -> Tensor:
+            return method.generate(handle, *args, **kwargs)
+
+        generate.__doc__ = f"{method.label}: generate on this instance through the decode seam (vlmprune)."
+        hooks.set_attr(self.adapter.model, "generate", generate)

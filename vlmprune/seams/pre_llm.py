@@ -1,5 +1,10 @@
 """The pre-LLM seam: one place where visual tokens leave the sequence before the decoder.
 
+Contract: a method at this seam subclasses :class:`PreLLMMethod` and implements ``reduce(group)``,
+a pure decision over one :class:`VisualGroup` (one image, crop, tile or frame, with the importance
+signal it asked for in ``needs_scores``) returning a :class:`Reduction` (which grid tokens survive,
+optionally as weighted averages). The seam does everything else, the same way for every method.
+
 The stock model runs as usual up to its decoder call (vision tower, projector, placeholder
 scatter, Qwen2-VL's M-RoPE positions). A forward pre-hook on the decoder then removes the
 columns a method dropped, from the embeddings, the attention mask and the positions, so the
@@ -12,16 +17,70 @@ from __future__ import annotations
 
 import weakref
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
 
-from . import context
-from .methods.base import PreLLMMethod, Reduction, VisualGroup
+from .. import context
+from ..method import Method, MethodConfig, Stage, check_choice, check_ratio
+from ..sequence import PrunedSequence, decode_positions, default_positions, gather_columns, prune_sequence
+from ..stats import ForwardRecord
 from .scope import ensure_cache, install_scope
-from .sequence import PrunedSequence, decode_positions, default_positions, gather_columns, prune_sequence
-from .stats import ForwardRecord
+
+POSITION_CHOICES = (None, "contiguous", "original")
+
+
+@dataclass(frozen=True)
+class PreLLMConfig(MethodConfig):
+    """Options every pre-LLM reduction shares. ``ratio``: fraction of visual tokens removed, in
+    [0, 1). ``positions``: how kept tokens are numbered (None: the adapter's default, see the
+    README's "Positions after pruning")."""
+
+    stage: ClassVar[Stage] = Stage.PRE_LLM
+    ratio: float = 0.9
+    positions: str | None = None
+
+    def validate(self) -> None:
+        check_ratio(self.ratio)
+        check_choice("positions", self.positions, POSITION_CHOICES)
+
+
+@dataclass
+class VisualGroup:
+    """One image / crop / tile / frame worth of visual tokens, as a method sees it.
+
+    ``columns[j]`` is the sequence column of grid token ``j`` (row-major over ``grid``), or -1 when
+    the stock model does not feed that grid token to the LLM (e.g. LLaVA-NeXT's unpadding); a
+    method decides over the full grid, so its counts do not depend on that detail.
+    """
+
+    sample: int
+    columns: Tensor  # (n,) long
+    grid: tuple[int, int]  # (h, w) with h * w == n
+    scores: Tensor | None = None  # (n,) importance, when the method asked for it
+    kind: str = "image"
+
+
+@dataclass
+class Reduction:
+    """A method's decision for one group: which grid tokens survive, optionally as averages."""
+
+    anchors: Tensor  # (k,) grid indices, ascending; each becomes one LLM token at that anchor
+    weights: Tensor | None = None  # (k, n) rows of averaging weights; None = plain selection
+
+
+
+class PreLLMMethod(Method):
+    seams: ClassVar[tuple[type, ...]] = ()  # set to (PreLLMSeam,) below, once the seam exists
+
+    """A method that decides, per visual group, which tokens reach the LLM."""
+
+    #: signal the adapter must capture for ``VisualGroup.scores`` ("cls" or None)
+    needs_scores: ClassVar[str | None] = None
+
+    def reduce(self, group: VisualGroup, generator: torch.Generator | None = None) -> Reduction:
+        raise TypeError(f"{type(self).__name__} must implement reduce()")
 
 
 @dataclass
@@ -80,7 +139,7 @@ def apply_reductions(
 class PreLLMSeam:
     """Installs one pre-LLM method on one model instance through the adapter's seams."""
 
-    def __init__(self, adapter: Any, method: PreLLMMethod, handle: Any) -> None:
+    def __init__(self, adapter: Any, method: Any, handle: Any) -> None:
         self.adapter = adapter
         self.method = method
         self.handle = handle
@@ -209,3 +268,6 @@ class PreLLMSeam:
         state.next_position = state.next_position + n
         kwargs["attention_mask"] = state.mask if state.pass_mask else None
         return kwargs
+
+
+PreLLMMethod.seams = (PreLLMSeam,)

@@ -1,4 +1,4 @@
-"""Slow-Fast hybrid decoder layers as instance-level hooks (spec §5 of ``shared/methods/slowfast.md``).
+"""Slow-Fast hybrid decoder layers as instance-level hooks (the paper's hybrid architecture).
 
 A hybrid layer is a stock decoder layer plus a gated cross-attention from the text queries to the
 slow video tokens. Nothing is patched on a class and no module of the model is replaced: the new
@@ -21,7 +21,6 @@ The slow tokens reach the hooks through a per-call :class:`HybridState` (never t
 from __future__ import annotations
 
 import json
-import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,7 +30,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .files import local_file
+from vlmprune.files import local_file
+from vlmprune.seams.extra_layers import install_extra_layers
 
 ADAPTER_FILE = "slowfast_hybrid.safetensors"
 IMPLS = ("vanilla", "text-only-vanilla", "text-only-vanilla-masksystem")
@@ -200,57 +200,24 @@ def load_adapter(path: str | Path) -> tuple[HybridAdapter, dict[str, Tensor], di
 # -- hooks -----------------------------------------------------------------------------------------
 
 
-def _rope_fn(attn: nn.Module) -> Callable:
-    module = sys.modules.get(type(attn).__module__)
-    fn = getattr(module, "apply_rotary_pos_emb", None)
-    if fn is None:
-        raise TypeError(f"vlmprune: cannot find apply_rotary_pos_emb for {type(attn).__name__}")
-    return fn
-
-
 def install_hybrid_layers(
     hooks: Any, decoder_layers: nn.ModuleList, hybrid: HybridAdapter, get_state: Callable[[], HybridState | None],
 ) -> None:
-    """Hook the chosen layers of this model instance; each hook is a no-op when ``get_state``
-    returns None (a text-only call, another handle's call, or a decode step with the flag off)."""
-    for i in hybrid.layer_indices:
-        layer = decoder_layers[i]
+    """Splice the gated cross-attention into the chosen layers of this model instance (through the
+    extra-layers seam); a no-op for a call where ``get_state`` returns None (a text-only call,
+    another handle's call, or a decode step with the flag off)."""
+
+    def mix(i: int, layer: nn.Module, a: Tensor, q: Tensor, state: HybridState) -> Tensor:
+        params: CrossAttention = hybrid.layers[str(i)]
         attn = layer.self_attn
-        params = hybrid.layers[str(i)]
-        rope = _rope_fn(attn)
         scale = float(getattr(attn, "scaling", attn.head_dim**-0.5))
+        slow = layer.input_layernorm(state.slow)  # the same input RMSNorm as the text (the paper's hybrid layer)
+        c = params.attend(q, slow, state.slow_mask, scale)
+        g = params.gate(a, hybrid.impl)
+        query = state.query[:, -a.shape[1]:].unsqueeze(-1)
+        return a + torch.where(query, (g * c).to(a.dtype), torch.zeros((), dtype=a.dtype, device=a.device))
 
-        def pre_attn(module: nn.Module, args: tuple, kwargs: dict, i: int = i) -> None:
-            state = get_state()
-            if state is not None:
-                state.scratch[i] = {"pe": kwargs.get("position_embeddings")}
-
-        def on_q(module: nn.Module, args: tuple, output: Tensor, i: int = i) -> None:
-            state = get_state()
-            if state is not None and i in state.scratch:
-                state.scratch[i]["q"] = output
-
-        def pre_o(module: nn.Module, args: tuple, i: int = i, layer: nn.Module = layer, params: CrossAttention = params,
-                  rope: Callable = rope, scale: float = scale) -> tuple | None:
-            state = get_state()
-            if state is None or i not in state.scratch:
-                return None
-            scratch = state.scratch.pop(i)
-            a = args[0]
-            bsz, n, _ = a.shape
-            q = scratch["q"].view(bsz, n, params.heads, params.head_dim).transpose(1, 2)
-            cos, sin = scratch["pe"]
-            q, _ = rope(q, q, cos, sin)
-            slow = layer.input_layernorm(state.slow)  # the same input RMSNorm as the text (spec §5.1)
-            c = params.attend(q, slow, state.slow_mask, scale)
-            g = params.gate(a, hybrid.impl)
-            query = state.query[:, -n:].unsqueeze(-1)
-            mixed = a + torch.where(query, (g * c).to(a.dtype), torch.zeros((), dtype=a.dtype, device=a.device))
-            return (mixed, *args[1:])
-
-        hooks.forward_pre(attn, pre_attn, with_kwargs=True)
-        hooks.forward(attn.q_proj, on_q)
-        hooks.forward_pre(attn.o_proj, pre_o)
+    install_extra_layers(hooks, decoder_layers, hybrid.layer_indices, mix, get_state)
 
 
 # -- LoRA deltas (optional, trained with ``vlmprune train-slowfast --lora``) -----------------------

@@ -5,7 +5,7 @@ scale: the fast tokens replace the video in the sequence, the hybrid layers' new
 (kv projection, gate, warm-up scalar) are trained with the answer tokens' cross-entropy, and,
 optionally (``--lora-rank``), LoRA deltas on the LLM's q/v projections; the vision tower, the
 projector and the LLM stay frozen. Training starts from the fast-only model exactly (warm-up gate
-0). The output is a small adapter file (:mod:`vlmprune.hybrid_layers`): only the new parameters
+0). The output is a small adapter file (:mod:`vlmprune.methods.slowfast.hybrid`): only the new parameters
 and the LoRA deltas, plus the fast-pathway options they were trained with.
 
 Data: ``builtin`` (the built-in benchmark's train-split videos: 8 frames as two 2x2 mosaics, with
@@ -28,12 +28,11 @@ import torch
 from torch import Tensor
 
 import vlmprune
-from vlmprune.hybrid_layers import LoRA, save_adapter
-from vlmprune.methods.slowfast import SlowFastConfig
+from vlmprune.training import LoopConfig, add_run_args, train_loop
+from vlmprune.training.data import Batch, answer_batches, answer_labels, load_model, train_and_held_out
 
-from .builtin_data import Batch, add_run_args, answer_batches
-from .gates import answer_labels, load_model, train_and_held_out
-from .loop import LoopConfig, train_loop
+from .config import SlowFastConfig
+from .hybrid import LoRA, save_adapter
 
 
 def full_labels(input_ids: Tensor, answer_len: Tensor) -> Tensor:

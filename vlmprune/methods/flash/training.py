@@ -28,10 +28,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from vlmprune.methods.draft import DraftHead, draft_context, draft_loss, save_draft
+from vlmprune.training import LoopConfig, add_run_args, train_loop
 
-from .builtin_data import add_run_args
-from .loop import LoopConfig, train_loop
+from .draft import DraftHead, DraftSpec, draft_context, draft_loss, save_draft
 
 #: one distilled sample: decoder ids (n,), features (n, H), visual mask (n,), answer mask (n,)
 Sample = dict[str, Tensor]
@@ -43,7 +42,10 @@ Sample = dict[str, Tensor]
 def builtin_prompts(processor: Any, n: int, seed: int, split: str = "train",
                     video_share: float = 0.7) -> list[dict[str, Tensor]]:
     """``n`` single-prompt inputs: video captioning (two mosaic images per clip) and image questions."""
-    from vlmprune.evals import builtin, data
+    from vlmprune.artifacts import builtin_benchmark
+
+    bench = builtin_benchmark()
+    builtin, data = bench.builtin, bench.data
 
     rng = np.random.default_rng(seed)
     out = []
@@ -216,9 +218,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     from vlmprune.adapters import for_model
-    from vlmprune.methods.draft import DraftSpec
-
-    from .gates import load_model
+    from vlmprune.training.data import load_model
 
     args = build_parser().parse_args(argv)
     if args.threads:

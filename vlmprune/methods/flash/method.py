@@ -1,8 +1,8 @@
 """FLASH: lossless speculative decoding with a latent-aware, semi-autoregressive draft
-(Wang et al., arXiv 2505.12728), see ``shared/methods/flash.md``.
+(Wang et al., arXiv 2505.12728); ``docs/methods/flash.md``.
 
 ``vlmprune.apply(model, "flash", draft=...)`` replaces ``generate`` *on this instance* with the
-speculative loop of :mod:`vlmprune.speculative`; the draft (:mod:`vlmprune.methods.draft`) reads
+speculative loop of the decode seam (:mod:`vlmprune.seams.decode`); the draft (:mod:`vlmprune.methods.flash.draft`) reads
 the target's last hidden states, compresses each visual span to a few learned latents on its own
 side, and proposes ``k`` tokens per forward. Greedy output is the target's greedy output token for
 token, whatever the draft; with sampling, speculative rejection sampling keeps the target's
@@ -13,20 +13,19 @@ from __future__ import annotations
 
 import copy
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
 import torch
 from torch import nn
 
-from .base import Method, MethodConfig, Stage
-from .draft import DraftError, DraftHead, DraftSpec, load_draft
+from vlmprune.method import Method, Stage
+from vlmprune.registry import register_method
+from vlmprune.seams.decode import DecodeSeam, Sampling, speculative_generate
 
-#: learned latents per visual span when a draft is built from the config (the paper's 64 for
-#: 576-token LLaVA images; families with shorter spans get fewer); a trained draft keeps its own
-FAMILY_LATENTS = {"llava": 64, "llava_next": 64, "llava_onevision": 64, "qwen2_vl": 64, "internvl": 64}
-TREE_CHOICES = (None, "chain", "static")
+from .config import DEFAULT_LATENTS, FlashConfig
+from .draft import DraftError, DraftHead, DraftSpec, load_draft
+from .drafter import HeadDrafter
 
 #: generation options the speculative loop honours
 _SUPPORTED = {"max_new_tokens", "max_length", "do_sample", "temperature", "top_k", "top_p", "eos_token_id",
@@ -41,54 +40,6 @@ _REFUSED_KWARGS = ("logits_processor", "stopping_criteria", "streamer", "assista
                    "negative_prompt_ids", "synced_gpus")
 
 
-@dataclass(frozen=True)
-class FlashConfig(MethodConfig):
-    """``draft``: a draft directory / ``.safetensors`` file, a :class:`DraftHead`, a drafter object
-    (``reset`` / ``extend`` / ``propose``, e.g. a test oracle), or None for an untrained head built
-    from the model's config (lossless, but slow: it accepts little). ``depth``: drafted tokens per
-    round. ``k``: tokens per draft forward (None: the draft's own; may be lowered, not raised).
-    ``tree``: drafting structure: None / "chain", or "static" (``branches`` top-w children of the
-    last token, each continued as a chain to ``depth``, verified in one target forward with a
-    tree mask). ``latents``: Q for a head built from the config
-    (None: the family default). ``seed``: seeds the sampling generator (None: torch's global RNG)."""
-
-    method: ClassVar[str] = "flash"
-    stage: ClassVar[Stage] = Stage.DECODE
-    draft: Any = None
-    depth: int = 4
-    k: int | None = None
-    tree: str | None = None
-    branches: int = 3
-    latents: int | None = None
-    seed: int | None = None
-
-    def validate(self) -> None:
-        for name in ("depth", "k", "branches", "latents", "seed"):
-            value = getattr(self, name)
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
-                raise TypeError(f"flash: {name} must be an integer, got {value!r}")
-        if self.depth < 1:
-            raise ValueError(f"flash: depth (drafted tokens per round) must be >= 1, got {self.depth}")
-        if self.k is not None and self.k < 1:
-            raise ValueError(f"flash: k (tokens per draft forward) must be >= 1, got {self.k}")
-        if self.branches < 1:
-            raise ValueError(f"flash: branches (tree children of the last token) must be >= 1, got {self.branches}")
-        if self.latents is not None and self.latents < 0:
-            raise ValueError(f"flash: latents must be >= 0, got {self.latents}")
-        if self.tree not in TREE_CHOICES:
-            raise ValueError(
-                f"flash: tree must be one of {', '.join(map(repr, TREE_CHOICES))}; got {self.tree!r} "
-                "(dynamic EAGLE-2 trees are not implemented)"
-            )
-
-    def to_dict(self) -> dict[str, Any]:
-        draft = self.draft
-        if draft is not None and not isinstance(draft, (str, Path)):
-            draft = type(draft).__name__
-        return {"method": self.method, "draft": None if draft is None else str(draft), "depth": self.depth,
-                "k": self.k, "tree": self.tree, "branches": self.branches, "latents": self.latents, "seed": self.seed}
-
-
 def _check_spec(spec: DraftSpec, expect: DraftSpec, where: str) -> None:
     for name, what in (("hidden_size", "hidden width"), ("vocab_size", "vocabulary size"),
                        ("target_layers", "number of decoder layers")):
@@ -99,13 +50,21 @@ def _check_spec(spec: DraftSpec, expect: DraftSpec, where: str) -> None:
             )
 
 
+@register_method
 class Flash(Method):
+    """Speculative decoding through the decode seam, with a FLASH draft head (or any drafter)."""
+
+    config_class = FlashConfig
+    commands = {
+        "train-draft": ("vlmprune.methods.flash.training:main", "train a FLASH speculative-decoding draft on a frozen model (see vlmprune train-draft --help)"),
+        "bench-flash": ("vlmprune.methods.flash.bench:main", "FLASH decode speed-up over plain greedy generate, interleaved (see vlmprune bench-flash --help)"),
+    }
+    seams = (DecodeSeam,)
+
     def __init__(self, config: FlashConfig, adapter: Any) -> None:
         super().__init__(config, adapter)
-        from vlmprune.speculative import HeadDrafter
-
         draft = config.draft
-        latents = config.latents if config.latents is not None else FAMILY_LATENTS.get(adapter.family, 64)
+        latents = config.latents if config.latents is not None else DEFAULT_LATENTS
         expect = DraftSpec.for_target(adapter, k=config.k or 1, num_latents=latents)
         self.head: DraftHead | None = None
         if draft is None:
@@ -138,23 +97,9 @@ class Flash(Method):
                                        adapter.model.get_output_embeddings(), config.k)
         self.k = config.k or (self.head.spec.k if self.head is not None else 1)
 
-    def install(self, hooks: Any, handle: Any) -> None:
-        from vlmprune.speculative import feature_hook
-
-        model = self.adapter.model
-        hooks.forward(self.adapter.decoder, feature_hook)
-
-        def generate(*args: Any, **kwargs: Any) -> torch.Tensor:
-            return self.generate(handle, *args, **kwargs)
-
-        generate.__doc__ = "Speculative (FLASH) generate on this instance; see vlmprune.methods.flash."
-        hooks.set_attr(model, "generate", generate)
-
     # -- generate ----------------------------------------------------------------------------------
     def generate(self, handle: Any, input_ids: torch.Tensor | None = None, on_round: Any = None,
                  **kwargs: Any) -> torch.Tensor:
-        from vlmprune.speculative import Sampling, speculative_generate
-
         model = self.adapter.model
         for name in _REFUSED_KWARGS:
             if kwargs.get(name) is not None:
@@ -224,5 +169,5 @@ def untrained_head(model: nn.Module, k: int = 1, latents: int | None = None) -> 
     from vlmprune.adapters import for_model
 
     adapter = for_model(model)
-    q = latents if latents is not None else FAMILY_LATENTS.get(adapter.family, 64)
+    q = latents if latents is not None else DEFAULT_LATENTS
     return DraftHead(DraftSpec.for_target(adapter, k=k, num_latents=q))

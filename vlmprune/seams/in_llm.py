@@ -29,11 +29,11 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor
 
-from . import context
+from .. import context
+from ..sequence import decode_positions, gather_columns, gather_sequence, layer_mask, prune_sequence
+from ..stats import ForwardRecord
 from .pre_llm import _cache_len
 from .scope import ensure_cache, install_scope
-from .sequence import decode_positions, gather_columns, gather_sequence, layer_mask, prune_sequence
-from .stats import ForwardRecord
 
 SUPPORTED_ATTENTION = ("eager", "sdpa")
 
@@ -89,12 +89,16 @@ def _with_hidden(args: tuple, kwargs: dict, hidden: Tensor, positional: bool) ->
     return args, kwargs
 
 
-class LLMExitSeam:
-    """Installs one exit policy on one model instance through the adapter."""
+class InLLMSeam:
+    """Installs one exit policy on one model instance through the adapter.
 
-    def __init__(self, adapter: Any, policy: ExitPolicy, handle: Any) -> None:
+    Contract: the method gives an :class:`ExitPolicy` as its ``policy`` attribute (or is one); the
+    seam calls it before the first layer and after each layer, and does all the sequence, mask,
+    position and cache bookkeeping itself."""
+
+    def __init__(self, adapter: Any, method: Any, handle: Any) -> None:
         self.adapter = adapter
-        self.policy = policy
+        self.policy: ExitPolicy = getattr(method, "policy", method)
         self.handle = handle
         self.num_layers = len(adapter.decoder_layers)
         self._states: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()

@@ -1,0 +1,51 @@
+"""DyMU's options: where the merge thresholds come from and how the LLM unmerges."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar
+
+from vlmprune.method import MethodConfig, Stage
+
+PRESETS = ("low", "mid", "high")
+VTU_CHOICES = ("fast", "exact", False)
+
+
+class ThresholdsError(ValueError):
+    """A thresholds file is missing, malformed, or was calibrated for another model."""
+
+
+@dataclass(frozen=True)
+class DyMUConfig(MethodConfig):
+    """``thresholds``: a JSON file from ``vlmprune calibrate dymu`` (or a list, one per vision block;
+    None / inf = never merge). ``preset``: ``low`` / ``mid`` / ``high``, calibrated for the built-in
+    model. ``vtu``: ``"fast"`` (default; expand q/k/v, stock attention, mean back), ``"exact"`` (the
+    paper's RoPE-decomposed scores, same output, eager maths) or False (no unmerging)."""
+
+    method: ClassVar[str] = "dymu"
+    stage: ClassVar[Stage] = Stage.ENCODER
+    thresholds: Any = None
+    preset: str | None = None
+    vtu: Any = "fast"
+
+    def validate(self) -> None:
+        if (self.thresholds is None) == (self.preset is None):
+            raise ValueError("dymu needs exactly one of thresholds='thresholds.json' (or a list) or preset='low'|'mid'|'high'")
+        if self.preset is not None and self.preset not in PRESETS:
+            raise ValueError(f"unknown DyMU preset {self.preset!r}; presets: {', '.join(PRESETS)} (built-in model only)")
+        if self.vtu not in VTU_CHOICES or self.vtu is True:
+            raise ValueError(f"vtu must be one of 'fast', 'exact' or False; got {self.vtu!r}")
+        if isinstance(self.thresholds, (list, tuple)):
+            object.__setattr__(self, "thresholds", tuple(_as_threshold(t) for t in self.thresholds))
+        elif self.thresholds is not None and not isinstance(self.thresholds, (str, Path)):
+            raise ValueError(f"thresholds must be a path or a list of numbers, got {type(self.thresholds).__name__}")
+
+
+def _as_threshold(value: Any) -> float:
+    if value is None:
+        return math.inf
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
+        raise ThresholdsError(f"a DyMU threshold must be a number (or null for 'never merge'), got {value!r}")
+    return float(value)

@@ -1,0 +1,6 @@
+"""FasterVLM: [CLS]-attention pruning before the LLM."""
+
+from .config import FasterVLMConfig
+from .method import FasterVLM
+
+__all__ = ["FasterVLMConfig", "FasterVLM"]

@@ -1,0 +1,62 @@
+"""FLASH's options: the draft, how far it drafts, and how (chain or static tree)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar
+
+from vlmprune.method import MethodConfig, Stage
+
+#: learned latents per visual span when a draft is built from the config (the paper's 64 for
+#: 576-token LLaVA images); a trained draft keeps its own
+DEFAULT_LATENTS = 64
+TREE_CHOICES = (None, "chain", "static")
+
+
+@dataclass(frozen=True)
+class FlashConfig(MethodConfig):
+    """``draft``: a draft directory / ``.safetensors`` file, a :class:`DraftHead`, a drafter object
+    (``reset`` / ``extend`` / ``propose``, e.g. a test oracle), or None for an untrained head built
+    from the model's config (lossless, but slow: it accepts little). ``depth``: drafted tokens per
+    round. ``k``: tokens per draft forward (None: the draft's own; may be lowered, not raised).
+    ``tree``: drafting structure: None / "chain", or "static" (``branches`` top-w children of the
+    last token, each continued as a chain to ``depth``, verified in one target forward with a
+    tree mask). ``latents``: Q for a head built from the config
+    (None: the family default). ``seed``: seeds the sampling generator (None: torch's global RNG)."""
+
+    method: ClassVar[str] = "flash"
+    stage: ClassVar[Stage] = Stage.DECODE
+    draft: Any = None
+    depth: int = 4
+    k: int | None = None
+    tree: str | None = None
+    branches: int = 3
+    latents: int | None = None
+    seed: int | None = None
+
+    def validate(self) -> None:
+        for name in ("depth", "k", "branches", "latents", "seed"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+                raise TypeError(f"flash: {name} must be an integer, got {value!r}")
+        if self.depth < 1:
+            raise ValueError(f"flash: depth (drafted tokens per round) must be >= 1, got {self.depth}")
+        if self.k is not None and self.k < 1:
+            raise ValueError(f"flash: k (tokens per draft forward) must be >= 1, got {self.k}")
+        if self.branches < 1:
+            raise ValueError(f"flash: branches (tree children of the last token) must be >= 1, got {self.branches}")
+        if self.latents is not None and self.latents < 0:
+            raise ValueError(f"flash: latents must be >= 0, got {self.latents}")
+        if self.tree not in TREE_CHOICES:
+            raise ValueError(
+                f"flash: tree must be one of {', '.join(map(repr, TREE_CHOICES))}; got {self.tree!r} "
+                "(dynamic EAGLE-2 trees are not implemented)"
+            )
+
+    def to_dict(self) -> dict[str, Any]:
+        draft = self.draft
+        if draft is not None and not isinstance(draft, (str, Path)):
+            draft = type(draft).__name__
+        return {"method": self.method, "draft": None if draft is None else str(draft), "depth": self.depth,
+                "k": self.k, "tree": self.tree, "branches": self.branches, "latents": self.latents, "seed": self.seed}

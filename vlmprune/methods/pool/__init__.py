@@ -1,0 +1,6 @@
+"""Spatial average pooling of visual tokens before the LLM."""
+
+from .config import PoolConfig
+from .method import SpatialPool
+
+__all__ = ["PoolConfig", "SpatialPool"]
