@@ -98,12 +98,50 @@ def _cache_of(kwargs: dict[str, Any]) -> tuple[str, Any]:
 
 
 def _cache_len(cache: Any) -> int:
+    """What the cache really holds (not the length it reports to ``generate``, see
+    :class:`VirtualLength`)."""
     if cache is None:
         return 0
+    length = getattr(cache, "get_seq_length", None)
+    if isinstance(length, VirtualLength):
+        return length.real()
     try:
         return int(cache.get_seq_length())
     except (AttributeError, TypeError):
         return 0
+
+
+class VirtualLength:
+    """Installed as ``cache.get_seq_length`` on a cache whose prefill lost ``removed`` visual columns.
+
+    ``generate`` reads the cache length to decide which part of ``input_ids`` is new: in a chat that
+    reuses the cache, the second turn passes the whole history, and with the pruned (shorter) length
+    it would feed the tail of the history back in as new text. Reporting the unpruned length makes
+    ``generate`` slice exactly the new tokens, as for a stock model. The attention-mask code asks
+    ``get_query_offset``, which is pinned to the real length, so masks and the cache stay consistent.
+    Only this cache object changes; the model is untouched.
+    """
+
+    def __init__(self, cache: Any, removed: int) -> None:
+        self._cache = weakref.ref(cache)
+        self._method = type(cache).get_seq_length
+        self.removed = int(removed)
+
+    def real(self, layer_idx: int = 0) -> int:
+        cache = self._cache()
+        return 0 if cache is None else int(self._method(cache, layer_idx))
+
+    def __call__(self, layer_idx: int = 0) -> int:
+        return self.real(layer_idx) + self.removed
+
+    @classmethod
+    def install(cls, cache: Any, removed: int) -> None:
+        if removed <= 0 or not hasattr(type(cache), "get_seq_length"):
+            return
+        length = cls(cache, removed)
+        cache.get_seq_length = length
+        if hasattr(type(cache), "get_query_offset"):
+            cache.get_query_offset = length.real
 
 
 def apply_reductions(
@@ -150,6 +188,7 @@ class PreLLMSeam:
     def install(self, hooks: Any) -> None:
         install_scope(self.adapter, hooks, self.handle)
         self.adapter.install_seam(hooks, self.handle)
+        hooks.forward_pre(self.adapter.model, self._model_pre, with_kwargs=True)
         hooks.forward_pre(self.adapter.decoder, self._decoder_pre, with_kwargs=True)
         # transformers' generate() encodes images before the first forward, outside any call this
         # seam can see; on this instance only, let the first forward encode them instead.
@@ -158,6 +197,18 @@ class PreLLMSeam:
             self.adapter.install_scoring(hooks, self.method.needs_scores, self.handle)
 
     # -- the seam -----------------------------------------------------------------------------
+    def _model_pre(self, module: Any, args: tuple, kwargs: dict) -> None:
+        """A later chat turn that passes the image again on a cache this seam pruned: say so before
+        the stock model fails on the placeholder count."""
+        _, cache = _cache_of(kwargs)
+        has_pixels = any(kwargs.get(k) is not None for k in ("pixel_values", "pixel_values_videos"))
+        if has_pixels and cache is not None and cache in self._states and _cache_len(cache) > 0:
+            raise ValueError(
+                "vlmprune: this KV cache already holds the pruned image tokens of an earlier turn. "
+                "To continue the chat, pass the whole history's input_ids and the cache without "
+                "pixel_values (the image is already in the cache); to send a new image, start a new cache."
+            )
+
     def _decoder_pre(self, module: Any, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
         embeds = kwargs.get("inputs_embeds")
         if embeds is None:
@@ -212,6 +263,7 @@ class PreLLMSeam:
                 else torch.ones(pruned.columns.shape, dtype=torch.long, device=embeds.device)
             )
             self._states[cache] = DecodeState(state_mask, pruned.attention_mask is not None, pruned.next_position)
+            VirtualLength.install(cache, length - int(pruned.columns.shape[1]))
         real = mask.bool() if mask is not None else torch.ones_like(visual)
         visual_in = (visual & real).sum(1)
         new_real = pruned.columns >= 0

@@ -1,0 +1,102 @@
+"""Multi-turn chat that reuses the KV cache: the second turn passes the whole history's input_ids and
+the returned cache, without the image. With any method applied it must give what a fresh run of the
+same patched model on the full history gives (or refuse clearly), on every family."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.filterwarnings("ignore:.past_key_values. is deprecated")
+import torch
+
+import vlmprune
+
+sys.path.insert(0, str(Path(__file__).parent))
+from test_flops import FAMILIES  # noqa: E402
+
+#: method -> options; each is checked on every family
+METHODS = {
+    "fastervlm": {"ratio": 0.75},
+    "random": {"ratio": 0.75, "seed": 3},
+    "pool": {"ratio": 0.75},
+    "dyvte": {"exit_layer": 1},
+}
+VISUAL_KEYS = ("pixel_values", "image_sizes", "image_grid_thw", "pixel_values_videos", "video_grid_thw",
+               "batch_num_images")
+
+
+def _two_turns(model, inputs):
+    """(cached second turn, fresh second turn) greedy tokens and their step logits."""
+    first = model.generate(**inputs, max_new_tokens=3, do_sample=False, return_dict_in_generate=True)
+    new = torch.randint(5, 60, (first.sequences.shape[0], 6), generator=torch.Generator().manual_seed(1))
+    history = torch.cat([first.sequences, new], dim=1)
+    mask = torch.ones_like(history)
+    opts = dict(max_new_tokens=4, do_sample=False, return_dict_in_generate=True, output_logits=True)
+    cached = model.generate(input_ids=history, attention_mask=mask, past_key_values=first.past_key_values, **opts)
+    visual = {k: v for k, v in inputs.items() if k in VISUAL_KEYS}
+    fresh = model.generate(input_ids=history, attention_mask=mask, **visual, **opts)
+    return cached, fresh, history, first.past_key_values, visual
+
+
+def _gap(cached, fresh) -> float:
+    return max(float((a - b).abs().max()) for a, b in zip(cached.logits, fresh.logits))
+
+
+@pytest.fixture(scope="module")
+def stock_gap():
+    """How far a stock model's cached second turn is from its fresh run, per family: transformers'
+    own chunked-prefill noise (about 1e-3 for Qwen's M-RoPE models, 1e-6 elsewhere), the floor the
+    patched models are held to."""
+    gaps = {}
+
+    def get(family: str) -> float:
+        if family not in gaps:
+            torch.manual_seed(0)
+            model, inputs, _ = FAMILIES[family]("sdpa")
+            inputs = dict(inputs, attention_mask=torch.ones_like(inputs["input_ids"]))
+            with torch.no_grad():
+                cached, fresh, *_ = _two_turns(model, inputs)
+            assert torch.equal(cached.sequences, fresh.sequences)
+            gaps[family] = _gap(cached, fresh)
+        return gaps[family]
+
+    return get
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_second_turn_on_the_cache_equals_a_fresh_run(family, method, stock_gap):
+    torch.manual_seed(0)
+    model, inputs, _ = FAMILIES[family]("sdpa")
+    inputs = dict(inputs, attention_mask=torch.ones_like(inputs["input_ids"]))
+    with torch.no_grad(), vlmprune.apply(model, method, **METHODS[method]) as handle:
+        cached, fresh, *_ = _two_turns(model, inputs)
+        assert handle.stats.records, "the method did not run"
+    assert torch.equal(cached.sequences, fresh.sequences), (family, method)
+    assert _gap(cached, fresh) <= 2 * stock_gap(family) + 1e-4, (family, method, _gap(cached, fresh))
+
+
+@pytest.mark.parametrize("method", ["fastervlm", "random", "pool"])
+def test_image_passed_again_on_a_pruned_cache_is_a_clear_error(method):
+    torch.manual_seed(0)
+    model, inputs, _ = FAMILIES["llava-clip"]("sdpa")
+    with torch.no_grad(), vlmprune.apply(model, method, ratio=0.75):
+        _, _, history, cache, visual = _two_turns(model, dict(inputs, attention_mask=torch.ones_like(inputs["input_ids"])))
+        with pytest.raises(ValueError, match="already holds the pruned image tokens"):
+            model.generate(input_ids=history, past_key_values=cache, **visual, max_new_tokens=2)
+
+
+def test_the_cache_reports_the_unpruned_length_to_generate_only():
+    """generate slices the new tokens by the cache length; masks use the real (pruned) length."""
+    torch.manual_seed(0)
+    model, inputs, n = FAMILIES["llava-clip"]("sdpa")
+    with torch.no_grad(), vlmprune.apply(model, "fastervlm", ratio=0.75) as handle:
+        out = model.generate(**inputs, max_new_tokens=3, do_sample=False, return_dict_in_generate=True)
+        cache = out.past_key_values
+        removed = handle.stats.records[0].visual_in[0] - handle.stats.records[0].visual_out[0]
+        assert cache.get_seq_length() == n + 2  # what a stock cache would hold (the last token is not in it)
+        assert cache.get_query_offset() == n + 2 - removed
+        assert cache.layers[0].keys.shape[-2] == n + 2 - removed
