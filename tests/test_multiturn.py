@@ -8,14 +8,14 @@ import sys
 from pathlib import Path
 
 import pytest
-
-pytestmark = pytest.mark.filterwarnings("ignore:.past_key_values. is deprecated")
 import torch
 
 import vlmprune
 
 sys.path.insert(0, str(Path(__file__).parent))
 from test_flops import FAMILIES  # noqa: E402
+
+pytestmark = pytest.mark.filterwarnings("ignore:.past_key_values. is deprecated")
 
 #: method -> options; each is checked on every family
 METHODS = {
