@@ -124,6 +124,81 @@ def _check_composition(existing: list[MethodConfig], new: list[MethodConfig]) ->
         seen.append(cfg)
 
 
+class _UnpatchedCopy:
+    """``model.__deepcopy__`` / ``model.__reduce_ex__`` while a handle is active (instance attributes,
+    restored by ``remove()``): a deep copy, ``pickle`` and ``torch.save(model)`` give the *unpatched*
+    model, like ``save_pretrained``. Copying the hooks would give a copy whose hooks still act for the
+    original's handle (an unpruned copy listing a stale "active" handle); pickling them fails. Apply
+    the method again on the copy (or after loading) to patch it."""
+
+    def __init__(self, model: nn.Module, kind: str) -> None:
+        self.model = model
+        self.kind = kind
+
+    def __call__(self, arg: Any = None) -> Any:
+        if self.kind == "deepcopy":
+            return unpatched_copy(self.model, arg if isinstance(arg, dict) else {})
+        clean = unpatched_copy(self.model, {})
+        local = sorted({fn.__qualname__ for module in clean.modules()
+                        for hooks in (module._forward_hooks, module._forward_pre_hooks) for fn in hooks.values()
+                        if "<locals>" in getattr(fn, "__qualname__", "")})
+        if local:
+            raise TypeError(
+                f"vlmprune: this model cannot be pickled: it carries hooks pickle cannot save ({', '.join(local)}), "
+                "which are not vlmprune's (the unpatched model fails the same way; transformers installs them "
+                "on the first forward). Save with model.save_pretrained(DIR) (the weights, without vlmprune's "
+                "patches) or torch.save(model.state_dict(), PATH), and apply the method again after loading."
+            )
+        return clean.__reduce_ex__(arg if isinstance(arg, int) else 4)
+
+
+def unpatched_copy(model: nn.Module, memo: dict[int, Any] | None = None) -> nn.Module:
+    """A deep copy of ``model`` without any vlmprune patch or handle (the original stays patched)."""
+    import copy
+
+    memo = {} if memo is None else memo
+    handles: list[Handle] = model.__dict__.get(_ATTR, [])
+    memo[id(handles)] = []  # the copy starts with no handles (and the handles are not copied)
+    for handle in handles:
+        memo[id(handle)] = None
+    own = {k: model.__dict__.pop(k) for k in ("__deepcopy__", "__reduce_ex__") if k in model.__dict__}
+    try:
+        clone = copy.deepcopy(model, memo)
+    finally:
+        model.__dict__.update(own)
+    for handle in handles:
+        handle._hooks.scrub_copy(memo)
+    clone.__dict__.pop(_ATTR, None)
+    for key in own:
+        clone.__dict__.pop(key, None)
+    return clone
+
+
+def _refuse_compiled(model: nn.Module) -> None:
+    """A model already compiled with ``torch.compile`` would keep running its traced graph, in which
+    hooks added later never run (dynamo does not guard on hooks): the method would be silently
+    bypassed. Refuse the wrapper itself, and drop the traces of this model class's forward so a
+    compiled wrapper made earlier re-traces and meets the patched forward's own refusal."""
+    import torch
+
+    if isinstance(model, torch._dynamo.eval_frame.OptimizedModule):
+        raise TypeError(
+            "vlmprune.apply got a torch.compile wrapper; apply to the model itself (compiled._orig_mod). "
+            "A patched model runs eagerly: the number of visual tokens kept is decided at run time. "
+            "To compile, remove the handle first."
+        )
+    if getattr(model, "_compiled_call_impl", None) is not None:
+        raise TypeError(
+            "vlmprune.apply: this model was compiled in place (model.compile()); a patched model runs "
+            "eagerly, so load or build it again without compiling, then apply."
+        )
+    from torch._C._dynamo.eval_frame import _debug_get_cache_entry_list
+
+    code = type(model).forward.__code__
+    if _debug_get_cache_entry_list(code):
+        torch._dynamo.reset_code(code)
+
+
 def apply(model: nn.Module, method: Any = "fastervlm", **options: Any) -> Handle:
     """Patch ``model`` in place with one method (or a list, composed in stage order).
 
@@ -133,6 +208,7 @@ def apply(model: nn.Module, method: Any = "fastervlm", **options: Any) -> Handle
     """
     from vlmprune.adapters import for_model
 
+    _refuse_compiled(model)
     configs = sorted(_as_configs(method, options), key=lambda c: int(c.stage))
     adapter = for_model(model)
     active: list[Handle] = model.__dict__.get(_ATTR, [])
@@ -143,6 +219,8 @@ def apply(model: nn.Module, method: Any = "fastervlm", **options: Any) -> Handle
     try:
         for m in methods:
             m.install(hooks, handle)
+        hooks.set_attr(model, "__deepcopy__", _UnpatchedCopy(model, "deepcopy"))
+        hooks.set_attr(model, "__reduce_ex__", _UnpatchedCopy(model, "pickle"))
     except BaseException:
         hooks.remove()
         raise

@@ -39,6 +39,25 @@ class HookSet:
         self._overrides.append((obj, name, previous))
         setattr(obj, name, value)
 
+    def scrub_copy(self, memo: dict[int, Any]) -> None:
+        """Take this set's patches off a deep copy of the patched objects (``memo`` is the copy's
+        memo: original id -> copy): hooks leave the copied hook dicts, overridden attributes get
+        their previous values back, as :meth:`remove` does on the originals."""
+        for handle in self._handles:
+            for ref in (handle.hooks_dict_ref, *handle.extra_dict_ref):
+                original = ref()
+                copied = memo.get(id(original)) if original is not None else None
+                if copied is not None and handle.id in copied:
+                    del copied[handle.id]
+        for obj, name, previous in reversed(self._overrides):
+            copied = memo.get(id(obj))
+            if copied is None:
+                continue
+            if previous is _MISSING:
+                copied.__dict__.pop(name, None)
+            else:
+                copied.__dict__[name] = memo.get(id(previous), previous)
+
     def remove(self) -> None:
         for handle in reversed(self._handles):
             handle.remove()

@@ -51,9 +51,13 @@ def mean_received_attention(
 
 
 def topk_indices(scores: Tensor, k: int) -> Tensor:
-    """Indices of the ``k`` highest scores, returned in ascending (raster) order."""
+    """Indices of the ``k`` highest scores, returned in ascending (raster) order.
+
+    Exact ties go to the lowest index. ``torch.topk`` breaks ties arbitrarily (its choice depends on
+    the vector's length and layout), which made the kept set of an image depend on the batch it
+    came in; a stable descending sort gives the same set as ``topk`` whenever there is no tie."""
     k = max(0, min(int(k), scores.numel()))
-    idx = torch.topk(scores, k, dim=-1).indices
+    idx = torch.sort(scores, dim=-1, descending=True, stable=True).indices[..., :k]
     return torch.sort(idx).values
 
 

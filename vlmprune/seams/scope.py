@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 from torch import Tensor
 
 from .. import context
@@ -36,6 +37,20 @@ CAPTURED_INPUTS = (
 )
 
 
+def refuse_compiled_call() -> None:
+    """Patched forwards run eagerly: under ``torch.compile`` the hooks would be traced once (or
+    skipped, for a wrapper compiled before ``apply``) and the per-call state they share would not
+    survive tracing, so the method would be bypassed or fail obscurely. Say so instead. Checked
+    where the call enters the model, which runs eagerly even inside a compiled wrapper."""
+    in_wrapper = getattr(torch._dynamo.eval_frame, "_is_in_optimized_module", lambda: False)
+    if torch.compiler.is_compiling() or in_wrapper():
+        raise RuntimeError(
+            "vlmprune: a model patched by vlmprune.apply cannot run under torch.compile (the number of "
+            "visual tokens kept is decided at run time); call the model itself instead of the compiled "
+            "wrapper, or compile after handle.remove()"
+        )
+
+
 def install_scope(adapter: Any, hooks: Any, handle: Any) -> None:
     """Open ``handle``'s call context around the top model and its inner model (once per handle)."""
     if getattr(handle, "_scope_installed", False):
@@ -43,6 +58,7 @@ def install_scope(adapter: Any, hooks: Any, handle: Any) -> None:
     handle._scope_installed = True
 
     def enter(module: Any, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        refuse_compiled_call()
         inputs = {k: kwargs.get(k) for k in CAPTURED_INPUTS}
         if args and inputs["input_ids"] is None and isinstance(args[0], Tensor):
             inputs["input_ids"] = args[0]
