@@ -16,6 +16,7 @@ from vlmprune.scoring import topk_indices
 
 sys.path.insert(0, str(Path(__file__).parent))
 from test_internvl import IMG_CTX, MERGED, batch, prompt, split, tiny_internvl  # noqa: E402
+
 from tiny import llava_inputs, tiny_llava  # noqa: E402
 
 
@@ -135,9 +136,9 @@ def test_tied_scores_keep_the_same_tokens_in_a_batch_and_alone():
     kept = []
     with vlmprune.apply(model, "fastervlm", ratio=0.75):
         for call in (inputs, alone):
-            seen = []
+            seen: list[torch.Tensor] = []
             h = model.model.language_model.register_forward_pre_hook(
-                lambda m, a, k: seen.append(k["inputs_embeds"]), with_kwargs=True)
+                lambda m, a, k, seen=seen: seen.append(k["inputs_embeds"]), with_kwargs=True)
             model(**call)
             h.remove()
             kept.append(seen[0][-1])
