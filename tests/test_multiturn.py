@@ -89,14 +89,21 @@ def test_image_passed_again_on_a_pruned_cache_is_a_clear_error(method):
             model.generate(input_ids=history, past_key_values=cache, **visual, max_new_tokens=2)
 
 
-def test_the_cache_reports_the_unpruned_length_to_generate_only():
-    """generate slices the new tokens by the cache length; masks use the real (pruned) length."""
+def test_the_cache_reports_the_unpruned_length_only_while_generate_continues_on_it():
+    """generate slices the new tokens by the cache length; masks and everyone else see the real
+    (pruned) length, and the cache really is shorter."""
     torch.manual_seed(0)
     model, inputs, n = FAMILIES["llava-clip"]("sdpa")
+    seen = []
     with torch.no_grad(), vlmprune.apply(model, "fastervlm", ratio=0.75) as handle:
         out = model.generate(**inputs, max_new_tokens=3, do_sample=False, return_dict_in_generate=True)
         cache = out.past_key_values
         removed = handle.stats.records[0].visual_in[0] - handle.stats.records[0].visual_out[0]
-        assert cache.get_seq_length() == n + 2  # what a stock cache would hold (the last token is not in it)
-        assert cache.get_query_offset() == n + 2 - removed
-        assert cache.layers[0].keys.shape[-2] == n + 2 - removed
+        assert cache.get_seq_length() == n + 2 - removed == cache.layers[0].keys.shape[-2]
+        hook = model.model.language_model.register_forward_pre_hook(
+            lambda m, a, k: seen.append((cache.get_seq_length(), cache.get_query_offset())), with_kwargs=True)
+        history = torch.cat([out.sequences, torch.tensor([[7, 8]])], dim=1)
+        model.generate(input_ids=history, past_key_values=cache, max_new_tokens=2, do_sample=False)
+        hook.remove()
+        assert seen[0] == (n + 2, n + 2 - removed)  # what a stock cache would hold / what this one holds
+        assert cache.get_seq_length() == cache.layers[0].keys.shape[-2] == n + 6 - removed

@@ -15,7 +15,10 @@ in a weak map keyed by the cache, so concurrent generations do not share it.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import weakref
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -88,6 +91,7 @@ class DecodeState:
     mask: Tensor  # (B, cache_len) mask of what the cache holds
     pass_mask: bool  # whether the decoder needs the mask (padding present)
     next_position: Tensor  # (B,)
+    removed: int = 0  # columns the prefill dropped (the cache is that much shorter than the history)
 
 
 def _cache_of(kwargs: dict[str, Any]) -> tuple[str, Any]:
@@ -112,14 +116,15 @@ def _cache_len(cache: Any) -> int:
 
 
 class VirtualLength:
-    """Installed as ``cache.get_seq_length`` on a cache whose prefill lost ``removed`` visual columns.
+    """``cache.get_seq_length`` while ``generate`` continues on a cache whose prefill lost ``removed``
+    visual columns (see :meth:`PreLLMSeam._generate`).
 
     ``generate`` reads the cache length to decide which part of ``input_ids`` is new: in a chat that
     reuses the cache, the second turn passes the whole history, and with the pruned (shorter) length
-    it would feed the tail of the history back in as new text. Reporting the unpruned length makes
-    ``generate`` slice exactly the new tokens, as for a stock model. The attention-mask code asks
-    ``get_query_offset``, which is pinned to the real length, so masks and the cache stay consistent.
-    Only this cache object changes; the model is untouched.
+    it would feed the tail of the history back in as new text. Reporting the unpruned length for the
+    duration of that call makes it slice exactly the new tokens, as for a stock model; the
+    attention-mask code asks ``get_query_offset``, which stays the real length, so masks and the
+    cache agree. Outside such a call the cache reports what it really holds.
     """
 
     def __init__(self, cache: Any, removed: int) -> None:
@@ -135,13 +140,20 @@ class VirtualLength:
         return self.real(layer_idx) + self.removed
 
     @classmethod
-    def install(cls, cache: Any, removed: int) -> None:
-        if removed <= 0 or not hasattr(type(cache), "get_seq_length"):
+    @contextlib.contextmanager
+    def around(cls, cache: Any, removed: int) -> Iterator[None]:
+        """Report the unpruned length inside the ``with`` block (on this cache object only)."""
+        if removed <= 0 or "get_seq_length" in cache.__dict__ or not hasattr(type(cache), "get_query_offset"):
+            yield
             return
         length = cls(cache, removed)
         cache.get_seq_length = length
-        if hasattr(type(cache), "get_query_offset"):
-            cache.get_query_offset = length.real
+        cache.get_query_offset = length.real
+        try:
+            yield
+        finally:
+            cache.__dict__.pop("get_seq_length", None)
+            cache.__dict__.pop("get_query_offset", None)
 
 
 def apply_reductions(
@@ -189,6 +201,9 @@ class PreLLMSeam:
         install_scope(self.adapter, hooks, self.handle)
         self.adapter.install_seam(hooks, self.handle)
         hooks.forward_pre(self.adapter.model, self._model_pre, with_kwargs=True)
+        model = self.adapter.model
+        previous = model.__dict__.get("generate") or type(model).generate.__get__(model)
+        hooks.set_attr(model, "generate", functools.partial(self._generate, previous))
         hooks.forward_pre(self.adapter.decoder, self._decoder_pre, with_kwargs=True)
         # transformers' generate() encodes images before the first forward, outside any call this
         # seam can see; on this instance only, let the first forward encode them instead.
@@ -197,6 +212,16 @@ class PreLLMSeam:
             self.adapter.install_scoring(hooks, self.method.needs_scores, self.handle)
 
     # -- the seam -----------------------------------------------------------------------------
+    def _generate(self, generate: Any, *args: Any, **kwargs: Any) -> Any:
+        """``generate`` on this instance: a call that continues on a cache this seam pruned (a later
+        chat turn) sees the cache at its unpruned length, so the new tokens are sliced right."""
+        _, cache = _cache_of(kwargs)
+        state = self._states.get(cache) if cache is not None else None
+        if state is None:
+            return generate(*args, **kwargs)
+        with VirtualLength.around(cache, state.removed):
+            return generate(*args, **kwargs)
+
     def _model_pre(self, module: Any, args: tuple, kwargs: dict) -> None:
         """A later chat turn that passes the image again on a cache this seam pruned: say so before
         the stock model fails on the placeholder count."""
@@ -262,8 +287,8 @@ class PreLLMSeam:
                 if pruned.attention_mask is not None
                 else torch.ones(pruned.columns.shape, dtype=torch.long, device=embeds.device)
             )
-            self._states[cache] = DecodeState(state_mask, pruned.attention_mask is not None, pruned.next_position)
-            VirtualLength.install(cache, length - int(pruned.columns.shape[1]))
+            self._states[cache] = DecodeState(state_mask, pruned.attention_mask is not None, pruned.next_position,
+                                              length - int(pruned.columns.shape[1]))
         real = mask.bool() if mask is not None else torch.ones_like(visual)
         visual_in = (visual & real).sum(1)
         new_real = pruned.columns >= 0
