@@ -28,13 +28,23 @@ VISUAL_KEYS = ("pixel_values", "image_sizes", "image_grid_thw", "pixel_values_vi
                "batch_num_images")
 
 
+def _no_placeholders(model) -> list[int]:
+    """Image / video placeholder ids: a random tiny model may generate them, and a generated
+    placeholder would be read as an image slot when the history is run afresh."""
+    from vlmprune.adapters import for_model
+
+    return for_model(model).placeholder_ids()
+
+
 def _two_turns(model, inputs):
     """(cached second turn, fresh second turn) greedy tokens and their step logits."""
-    first = model.generate(**inputs, max_new_tokens=3, do_sample=False, return_dict_in_generate=True)
+    first = model.generate(**inputs, max_new_tokens=3, do_sample=False, return_dict_in_generate=True,
+                           suppress_tokens=_no_placeholders(model))
     new = torch.randint(5, 60, (first.sequences.shape[0], 6), generator=torch.Generator().manual_seed(1))
     history = torch.cat([first.sequences, new], dim=1)
     mask = torch.ones_like(history)
-    opts = dict(max_new_tokens=4, do_sample=False, return_dict_in_generate=True, output_logits=True)
+    opts = dict(max_new_tokens=4, do_sample=False, return_dict_in_generate=True, output_logits=True,
+                suppress_tokens=_no_placeholders(model))
     cached = model.generate(input_ids=history, attention_mask=mask, past_key_values=first.past_key_values, **opts)
     visual = {k: v for k, v in inputs.items() if k in VISUAL_KEYS}
     fresh = model.generate(input_ids=history, attention_mask=mask, **visual, **opts)
@@ -107,3 +117,61 @@ def test_the_cache_reports_the_unpruned_length_only_while_generate_continues_on_
         hook.remove()
         assert seen[0] == (n + 2, n + 2 - removed)  # what a stock cache would hold / what this one holds
         assert cache.get_seq_length() == cache.layers[0].keys.shape[-2] == n + 6 - removed
+
+
+def _explicit_cache_turns(model, inputs, new_tokens=(7, 8, 9), suppress=True):
+    """The other common pattern: the caller owns a cache object and passes it to both turns."""
+    from transformers import DynamicCache
+
+    cache = DynamicCache(config=model.config.get_text_config())
+    quiet = dict(do_sample=False, suppress_tokens=_no_placeholders(model) if suppress else None)
+    sequences = model.generate(**inputs, past_key_values=cache, max_new_tokens=3, **quiet)
+    history = torch.cat([sequences, torch.tensor([list(new_tokens)] * sequences.shape[0])], dim=1)
+    mask = torch.cat([inputs["attention_mask"], torch.ones(history.shape[0], history.shape[1] - inputs["attention_mask"].shape[1],
+                                                           dtype=inputs["attention_mask"].dtype)], dim=1)
+    cached = model.generate(input_ids=history, attention_mask=mask, past_key_values=cache, max_new_tokens=4, **quiet)
+    visual = {k: v for k, v in inputs.items() if k in VISUAL_KEYS}
+    fresh = model.generate(input_ids=history, attention_mask=mask, **visual, max_new_tokens=4, **quiet)
+    return cached, fresh
+
+
+@pytest.mark.parametrize("mode", ["fast", "pooling", "hybrid"])
+def test_slowfast_second_turn_equals_a_fresh_run(mode):
+    """Hybrid with ``cross_attn_during_decode=True``: every text token after the video queries the
+    slow tokens, in a prefill or a later step alike. With the reference's default (False), tokens
+    that arrive after the prefill (generated ones, a later turn's) get no cross-attention by design,
+    so a cached later turn and a fresh prefill of the history differ there (docs/troubleshooting.md)."""
+    from test_slowfast import VIDEO, randomise, tiny_video_llava, video_batch
+
+    model = tiny_video_llava()
+    inputs = video_batch([2, 2], seed=3, text_before=2)  # two samples, left padded, a 2-mosaic video each
+    options = dict(VIDEO, mode=mode)
+    if mode == "hybrid":
+        options["cross_attn_during_decode"] = True
+    if mode == "pooling":
+        options = dict(mode=mode, mosaic=2, slow_frames=1, slow_stride=2, fast_stride=4)
+    with torch.no_grad(), vlmprune.apply(model, "slowfast", **options) as handle:
+        if mode == "hybrid":
+            randomise(handle, warm=0.7)
+        cached, fresh = _explicit_cache_turns(model, inputs)
+    assert torch.equal(cached, fresh)
+
+
+@pytest.mark.parametrize("method", ["fastervlm", "random", "pool", "dyvte"])
+def test_a_caller_owned_cache_across_turns_equals_a_fresh_run(method):
+    torch.manual_seed(0)
+    model, inputs, _ = FAMILIES["llava-clip"]("sdpa")
+    inputs = dict(inputs, attention_mask=torch.ones_like(inputs["input_ids"]))
+    with torch.no_grad(), vlmprune.apply(model, method, **METHODS[method]):
+        cached, fresh = _explicit_cache_turns(model, inputs)
+    assert torch.equal(cached, fresh)
+
+
+def test_flash_refuses_to_continue_on_a_filled_cache():
+    """Speculative decoding prefills on its own; continuing on a filled cache gave wrong tokens."""
+    torch.manual_seed(0)
+    model, inputs, _ = FAMILIES["llava-clip"]("sdpa")
+    inputs = dict(inputs, attention_mask=torch.ones_like(inputs["input_ids"]))
+    with torch.no_grad(), pytest.warns(UserWarning, match="UNTRAINED"), vlmprune.apply(model, "flash"):
+        with pytest.raises(ValueError, match="cannot continue on a filled KV cache"):
+            _explicit_cache_turns(model, inputs, suppress=False)

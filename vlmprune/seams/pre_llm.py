@@ -101,7 +101,7 @@ def _cache_of(kwargs: dict[str, Any]) -> tuple[str, Any]:
     return "cache", None
 
 
-def _cache_len(cache: Any) -> int:
+def cache_length(cache: Any) -> int:
     """What the cache really holds (not the length it reports to ``generate``, see
     :class:`VirtualLength`)."""
     if cache is None:
@@ -113,6 +113,9 @@ def _cache_len(cache: Any) -> int:
         return int(cache.get_seq_length())
     except (AttributeError, TypeError):
         return 0
+
+
+_cache_len = cache_length  # the name other seams import
 
 
 class VirtualLength:
@@ -227,7 +230,7 @@ class PreLLMSeam:
         the stock model fails on the placeholder count."""
         _, cache = _cache_of(kwargs)
         has_pixels = any(kwargs.get(k) is not None for k in ("pixel_values", "pixel_values_videos"))
-        if has_pixels and cache is not None and cache in self._states and _cache_len(cache) > 0:
+        if has_pixels and cache is not None and cache in self._states and cache_length(cache) > 0:
             raise ValueError(
                 "vlmprune: this KV cache already holds the pruned image tokens of an earlier turn. "
                 "To continue the chat, pass the whole history's input_ids and the cache without "
@@ -239,7 +242,7 @@ class PreLLMSeam:
         if embeds is None:
             return None
         cache_key, cache = _cache_of(kwargs)
-        past = _cache_len(cache)
+        past = cache_length(cache)
         ctx = context.current(self.handle)
         visual = None
         if ctx is not None and ctx.owner is self.handle:

@@ -22,6 +22,7 @@ from torch import nn
 from vlmprune.method import Method, Stage
 from vlmprune.registry import register_method
 from vlmprune.seams.decode import DecodeSeam, Sampling, speculative_generate
+from vlmprune.seams.pre_llm import cache_length
 
 from .config import DEFAULT_LATENTS, FlashConfig
 from .draft import DraftError, DraftHead, DraftSpec, load_draft
@@ -151,6 +152,13 @@ class Flash(Method):
         if self.config.seed is not None:
             generator = torch.Generator(device=input_ids.device).manual_seed(self.config.seed)
         model_kwargs.pop("use_cache", None)
+        for key in ("past_key_values", "cache"):
+            if cache_length(model_kwargs.get(key)) > 0:
+                raise ValueError(
+                    "flash: speculative decoding starts every generate call from its own prefill, so it cannot "
+                    "continue on a filled KV cache (a later chat turn); pass the whole history with its "
+                    "pixel_values and no cache, or remove the flash handle (handle.remove()) to continue on the cache"
+                )
         if max_new < 1:
             return input_ids
         out, record = speculative_generate(
