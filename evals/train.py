@@ -39,6 +39,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from vlmprune.files import writable_dir
 from vlmprune.training import LoopConfig, train_loop
 
 from . import builtin, data
@@ -491,8 +492,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    out = Path(args.output)
+    out = writable_dir(args.output)
     resume_dir = Path(args.resume_dir) if args.resume_dir else out.parent / f"{out.name}-train-state"
+    writable_dir(resume_dir, "--resume-dir")
     began = time.time()
     model, processor = builtin.build_untrained(seed=args.seed)
     stage1 = train_vision(model, args, resume_dir)

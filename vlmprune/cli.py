@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -30,6 +31,10 @@ def _bench(args: argparse.Namespace) -> int:
         print(f"vlmprune bench: unknown method {args.method!r}; choose from {', '.join(available_methods())}",
               file=sys.stderr)
         return 2
+    if args.output:
+        from .files import writable_file
+
+        writable_file(args.output)
     rows = bench.run(args.ratios, method=args.method, size=args.size, repeats=args.repeats,
                      warmup=args.warmup, device=args.device, seed=args.seed)
     print(bench.format_table(rows))
@@ -107,11 +112,30 @@ def _forward(name: str, target: str) -> object:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, rest = parser.parse_known_args(argv)
-    if getattr(args.func, "forwarded", False):  # the sub-command's own parser takes the rest
-        return args.func(args, rest)
-    if rest:
+    if not getattr(args.func, "forwarded", False) and rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
-    return args.func(args)
+    try:
+        if getattr(args.func, "forwarded", False):  # the sub-command's own parser takes the rest
+            return args.func(args, rest)
+        return args.func(args)
+    except KeyboardInterrupt:
+        print(f"vlmprune {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # a bad path, a wrong model, a corrupt file: one line, not a traceback
+        if os.environ.get("VLMPRUNE_TRACEBACK"):
+            raise
+        print(f"vlmprune {args.command}: error: {_one_line(exc)} (VLMPRUNE_TRACEBACK=1 shows the traceback)",
+              file=sys.stderr)
+        return 1
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    message = text[0] if text else ""
+    if isinstance(exc, (FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError)) and exc.filename:
+        message = f"{exc.strerror}: {exc.filename}"
+    kind = type(exc).__name__
+    return f"{message}" if isinstance(exc, ValueError) and message else f"{kind}: {message}" if message else kind
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 
@@ -13,4 +14,36 @@ def local_file(path: str | Path, default_name: str, error: type[Exception], what
         p = p / default_name
     if not p.exists():
         raise error(f"no {what} at {str(path)!r} (expected a .safetensors file or a directory with {default_name}); {hint}")
+    return p
+
+
+def _first_existing(p: Path) -> Path:
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    return p
+
+
+def writable_dir(path: str | Path, option: str = "--output") -> Path:
+    """``path`` as a directory this process can create or write into, checked before any long work
+    (a run that trains or evaluates for minutes must not fail at its very end); a ValueError naming
+    ``option`` otherwise. Nothing is created here."""
+    p = Path(path).expanduser()
+    if p.exists() and not p.is_dir():
+        raise ValueError(f"{option} {str(path)!r} is an existing file; give a directory")
+    base = _first_existing(p)
+    if not base.is_dir():
+        raise ValueError(f"{option} {str(path)!r}: {str(base)!r} is a file, so no directory can be made below it")
+    if not os.access(base, os.W_OK | os.X_OK):
+        raise ValueError(f"{option} {str(path)!r}: {str(base)!r} is not writable")
+    return p
+
+
+def writable_file(path: str | Path, option: str = "--output") -> Path:
+    """``path`` as a file this process can write (its directory may not exist yet); see :func:`writable_dir`."""
+    p = Path(path).expanduser()
+    if p.is_dir():
+        raise ValueError(f"{option} {str(path)!r} is a directory; give a file name")
+    writable_dir(p.parent, option)
+    if p.exists() and not os.access(p, os.W_OK):
+        raise ValueError(f"{option} {str(path)!r} is not writable")
     return p

@@ -94,3 +94,9 @@ def load_model(spec: str, device: str) -> tuple[Any, Any]:
         raise ValueError(f"--model {spec!r}: expected 'builtin' or a local checkpoint directory (nothing is downloaded)")
     model = AutoModelForImageTextToText.from_pretrained(path, local_files_only=True).to(device).eval()
     return model, AutoProcessor.from_pretrained(path, local_files_only=True)
+
+
+def check_data(spec: str, option: str = "--data") -> None:
+    """``builtin`` or an existing JSON-lines file, checked before the model loads."""
+    if spec != "builtin" and not Path(spec).is_file():
+        raise ValueError(f"{option} {spec!r}: expected 'builtin' or an existing JSON-lines file")

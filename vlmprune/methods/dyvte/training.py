@@ -25,8 +25,16 @@ import torch
 from torch import Tensor, nn
 
 import vlmprune
+from vlmprune.files import writable_dir
 from vlmprune.training import LoopConfig, add_run_args, train_loop
-from vlmprune.training.data import Batch, answer_batches, answer_labels, load_model, train_and_held_out
+from vlmprune.training.data import (
+    Batch,
+    answer_batches,
+    answer_labels,
+    check_data,
+    load_model,
+    train_and_held_out,
+)
 
 from .method import (
     DyVTEConfig,
@@ -187,7 +195,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.steps < 1 or args.batch_size < 1 or args.width < 1:
-        raise SystemExit("vlmprune train-gates: --steps, --batch-size and --width must be positive")
+        raise ValueError("--steps, --batch-size and --width must be positive")
+    writable_dir(args.output)
+    check_data(args.data)
     began = time.time()
     model, processor = load_model(args.model, args.device)
     batches, held_out = train_and_held_out(processor, args, builtin_batches)

@@ -19,6 +19,8 @@ from typing import Any
 
 import torch
 
+from vlmprune.files import writable_file
+
 
 def default_draft() -> Path:
     """The shipped draft for the built-in model (next to the built-in checkpoint)."""
@@ -54,7 +56,7 @@ def run(draft: str | Path | None, prompts: int = 12, repeats: int = 3, warmup: i
     drafts: dict[str, Any] = {}
     if "trained" in variants:
         if draft is None or not Path(draft).exists():
-            raise SystemExit(f"vlmprune bench-flash: no draft at {draft}; train one with `vlmprune train-draft`")
+            raise ValueError(f"no FLASH draft at {draft}; train one with `vlmprune train-draft`")
         drafts["flash"] = str(draft)
     if "untrained" in variants:  # the same loop with a random head: what verification alone costs
         from .method import untrained_head
@@ -173,9 +175,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-untrained", action="store_true", help="skip the untrained-draft row")
     p.add_argument("--output", help="also write the result as JSON")
     args = p.parse_args(argv)
+    if min(args.prompts, args.repeats, args.depth, args.max_new_tokens) < 1 or args.warmup < 0:
+        raise ValueError("--prompts, --repeats, --depth and --max-new-tokens must be >= 1, --warmup >= 0")
+    if args.output:
+        writable_file(args.output)
+    if args.model is not None and not Path(args.model).is_dir():
+        raise ValueError(f"--model {args.model!r}: no such checkpoint directory")
+    draft = args.draft or default_draft()
+    if args.draft is not None and not Path(draft).exists():
+        raise ValueError(f"--draft {args.draft!r}: no such file or directory; train one with `vlmprune train-draft`")
     torch.set_num_threads(args.threads)
     variants = ("trained",) if args.no_untrained else ("trained", "untrained")
-    result = run(args.draft or default_draft(), args.prompts, args.repeats, args.warmup, args.depth, args.k, args.max_new_tokens,
+    result = run(draft, args.prompts, args.repeats, args.warmup, args.depth, args.k, args.max_new_tokens,
                  args.seed, args.model, variants, None if args.tree == "chain" else args.tree, args.branches)
     print(format_table(result))
     print(json.dumps(result, indent=1))

@@ -218,19 +218,22 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     from vlmprune.adapters import for_model
-    from vlmprune.training.data import load_model
+    from vlmprune.files import writable_dir
+    from vlmprune.training.data import check_data, load_model
 
     args = build_parser().parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     if min(args.samples, args.steps, args.batch_size, args.max_new_tokens) < 1:
-        raise SystemExit("vlmprune train-draft: --samples, --steps, --batch-size and --max-new-tokens must be positive")
+        raise ValueError("--samples, --steps, --batch-size and --max-new-tokens must be positive")
     if args.k < 1:
-        raise SystemExit(f"vlmprune train-draft: --k must be >= 1, got {args.k}")
+        raise ValueError(f"--k must be >= 1, got {args.k}")
+    out = writable_dir(args.output)
+    writable_dir(args.state_dir or out.parent / f"{out.name}-train-state", "--state-dir")
+    check_data(args.data)
     began = time.time()
-    out = Path(args.output)
-    out.mkdir(parents=True, exist_ok=True)
     model, processor = load_model(args.model, args.device)
+    out.mkdir(parents=True, exist_ok=True)
     model.requires_grad_(False)
     adapter = for_model(model)
     state_dir = Path(args.state_dir) if args.state_dir else out.parent / f"{out.name}-train-state"

@@ -28,8 +28,16 @@ import torch
 from torch import Tensor
 
 import vlmprune
+from vlmprune.files import writable_dir
 from vlmprune.training import LoopConfig, add_run_args, train_loop
-from vlmprune.training.data import Batch, answer_batches, answer_labels, load_model, train_and_held_out
+from vlmprune.training.data import (
+    Batch,
+    answer_batches,
+    answer_labels,
+    check_data,
+    load_model,
+    train_and_held_out,
+)
 
 from .config import SlowFastConfig
 from .hybrid import LoRA, save_adapter
@@ -164,7 +172,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.steps < 1 or args.batch_size < 1:
-        raise SystemExit("vlmprune train-slowfast: --steps and --batch-size must be positive")
+        raise ValueError("--steps and --batch-size must be positive")
+    writable_dir(args.output)
+    check_data(args.data)
     began = time.time()
     model, processor = load_model(args.model, args.device)
     batches, held_out = train_and_held_out(processor, args, builtin_video_batches)
