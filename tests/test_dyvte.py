@@ -1,6 +1,6 @@
-"""DyVTE (visual-token exit inside the LLM): the spec's oracles on tiny random-init models.
+"""DyVTE (visual-token exit inside the LLM): reference computations on tiny random-init models.
 
-The reference for a fixed exit is the spec's own training formulation: the stock model, with the
+The reference for a fixed exit is the paper's own training formulation: the stock model, with the
 visual *key* columns blocked for text queries in every layer at or after the exit (and nothing
 removed). Removal must equal it on every text position and in greedy generation, while the
 layers after the exit really hold shorter KV caches.

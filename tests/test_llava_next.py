@@ -222,7 +222,7 @@ def decoder_recorder(model):
 
 def reference_scores(eager, inp) -> tuple[list[torch.Tensor], torch.Tensor | None]:
     """Per image (crops, N) and per video frame (frames, pooled) scores from eager attention maps:
-    FasterVLM's [CLS] row at the feature layer for CLIP, the spec's no-[CLS] fallback (mean
+    FasterVLM's [CLS] row at the feature layer for CLIP, the documented no-[CLS] fallback (mean
     attention received in the last layer, over queries then heads) for SigLIP; video frames are
     pooled like the features (bilinear to ceil(h/2) x ceil(w/2))."""
     tower = eager.model.vision_tower

@@ -1,6 +1,6 @@
 """Slow-Fast video tokens: pure pooling, the fast-only / hybrid / SF-LLaVA modes on a tiny LLaVA
 whose images are 2x2 frame mosaics (the built-in benchmark's video layout), adapter files, FLOPs
-and a training smoke run. Spec: ``shared/methods/slowfast.md`` §10."""
+and a training smoke run."""
 
 from __future__ import annotations
 
@@ -68,7 +68,7 @@ VIDEO = dict(mosaic=2, t=4, p=2)
 
 
 def randomise(handle, warm: float = 0.0, seed: int = 1) -> None:
-    """Random kv / gate weights (spec §10.1) and a chosen warm-up gate value."""
+    """Random kv / gate weights and a chosen warm-up gate value."""
     g = torch.Generator().manual_seed(seed)
     for name, p in handle.methods[0].hybrid.named_parameters():
         if name.endswith("cross_attn_warm_up_gate"):

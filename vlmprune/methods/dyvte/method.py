@@ -79,7 +79,7 @@ def gate_features(hidden: Tensor, visual: Tensor, valid: Tensor) -> Tensor:
     last prompt token, the last prompt token], read from a layer's output (the residual stream).
 
     Padding and visual columns never count; a sample with no text between the image and its last
-    token uses the last token for both halves (the spec's guard for an empty mean).
+    token uses the last token for both halves (a guard for an empty mean).
     """
     bsz, n, _ = hidden.shape
     h = hidden.float()

@@ -1,4 +1,4 @@
-"""FLASH's draft model (see ``shared/methods/flash.md`` §2-4, §8): pure modules and functions.
+"""FLASH's draft model (``docs/methods/flash.md``): pure modules and functions.
 
 The draft is a light head on the target's last hidden state, EAGLE style: at draft position ``t``
 it fuses the embedding of token ``x_{t+1}`` with the target feature ``f_t`` through ``fc``, runs
@@ -172,7 +172,7 @@ class DraftHead(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self, std: float = 0.02) -> None:
-        """Small normal weights (latents too, std 0.02 as the spec suggests), unit norms, zero biases."""
+        """Small normal weights (latents too, std 0.02), unit norms, zero biases."""
         for mod in self.modules():
             if isinstance(mod, nn.Linear):
                 nn.init.normal_(mod.weight, std=std)
@@ -324,7 +324,7 @@ def tile_targets(target: Tensor, mask: Tensor, k: int) -> tuple[Tensor, Tensor]:
 def draft_loss(
     pred: Tensor, target: Tensor, mask: Tensor, lm_head: nn.Module, ce_weight: float = 0.1
 ) -> tuple[Tensor, dict[str, float]]:
-    """``SmoothL1(f̂, f) + ce_weight * CE_soft``, both averaged over masked positions (spec §8).
+    """``SmoothL1(f̂, f) + ce_weight * CE_soft``, both averaged over masked positions.
 
     ``CE_soft = -sum softmax(lm_head(f)) log_softmax(lm_head(f̂))``; with ``f̂ = f`` the regression
     term is 0 and the CE term is the target's entropy.
@@ -349,7 +349,7 @@ def draft_path(path: str | Path) -> Path:
 
 
 def save_draft(head: DraftHead, path: str | Path, extra: dict[str, Any] | None = None) -> Path:
-    """safetensors weights with the spec (sizes + target fingerprint) in the metadata."""
+    """safetensors weights with the draft's sizes and target fingerprint in the metadata."""
     from safetensors.torch import save_file
 
     p = Path(path)

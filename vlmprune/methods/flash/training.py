@@ -1,4 +1,4 @@
-"""Train a FLASH draft head on a frozen target (``vlmprune train-draft``), spec §8.
+"""Train a FLASH draft head on a frozen target (``vlmprune train-draft``), the paper's self-distillation.
 
 Self-distillation: the frozen target answers image and video prompts greedily; one more forward
 over prompt + answer gives its last hidden states ``f`` (after the final norm). The draft learns,

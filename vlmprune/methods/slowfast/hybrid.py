@@ -71,7 +71,7 @@ class CrossAttention(nn.Module):
         self.cross_attn_warm_up_gate = nn.Parameter(torch.zeros(()))
 
     def gate(self, a: Tensor, impl: str) -> Tensor:
-        """(B, N, 1) gate from the self-attention output ``a`` (spec §5 step 4)."""
+        """(B, N, 1) gate from the self-attention output ``a``."""
         w = self.cross_attn_gate_proj.weight
         g = torch.tanh(self.cross_attn_gate_proj(a.to(w.dtype)))
         warm = self.cross_attn_warm_up_gate

@@ -1,6 +1,6 @@
 """Train Slow-Fast hybrid layers on a frozen VLM (``vlmprune train-slowfast``).
 
-The reference's training code is unreleased (spec §6); this follows its stage-2 idea at toolkit
+The reference's training code is unreleased; this follows its stage-2 idea at toolkit
 scale: the fast tokens replace the video in the sequence, the hybrid layers' new parameters
 (kv projection, gate, warm-up scalar) are trained with the answer tokens' cross-entropy, and,
 optionally (``--lora-rank``), LoRA deltas on the LLM's q/v projections; the vision tower, the
