@@ -87,7 +87,7 @@ def make_inputs(model: Any, text_before: int = 8, text_after: int = 24, seed: in
     return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "pixel_values": pixels}
 
 
-def _peak_rss_reset() -> bool:
+def peak_rss_reset() -> bool:
     try:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")
@@ -96,9 +96,12 @@ def _peak_rss_reset() -> bool:
         return False
 
 
-def _rss_kb(field: str) -> int:
+def rss_kb(field: str) -> int:
     with open("/proc/self/status") as f:
         return int(re.search(rf"{field}:\s+(\d+)", f.read()).group(1))
+
+
+_peak_rss_reset, _rss_kb = peak_rss_reset, rss_kb  # earlier names
 
 
 def _prefill(model: Any, inputs: dict[str, torch.Tensor]) -> tuple[float, Any]:
@@ -120,11 +123,11 @@ def _peak_mem_mb(model: Any, inputs: dict[str, torch.Tensor]) -> float | None:
         torch.cuda.reset_peak_memory_stats()
         _prefill(model, inputs)
         return (torch.cuda.max_memory_allocated() - base) / 2**20
-    if not _peak_rss_reset():
+    if not peak_rss_reset():
         return None
-    base = _rss_kb("VmRSS")
+    base = rss_kb("VmRSS")
     _prefill(model, inputs)
-    return (_rss_kb("VmHWM") - base) / 1024
+    return (rss_kb("VmHWM") - base) / 1024
 
 
 def _kv_mb(cache: Any) -> float:
