@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+from typing import Any
 
 from torch import nn
 
@@ -43,4 +44,18 @@ def for_model(model: nn.Module) -> Adapter:
     )
 
 
-__all__ = ["Adapter", "ADAPTERS", "for_model", "supported_classes"]
+def for_config(config: Any) -> type[Adapter] | None:
+    """The adapter class of a VLM config (by its ``model_type``), or None for an unsupported one;
+    for work that has a config but no model (FLOPs estimates)."""
+    model_type = getattr(config, "model_type", None)
+    return next((cls for cls in ADAPTERS if model_type in cls.model_types), None)
+
+
+def for_text_config(text_config: Any) -> type[Adapter]:
+    """The adapter class whose family owns this text config (``text_model_types``), else the base
+    :class:`Adapter`, whose defaults hold for the decoders the families share (Llama, Qwen2, ...)."""
+    model_type = getattr(text_config, "model_type", None)
+    return next((cls for cls in ADAPTERS if model_type in cls.text_model_types), Adapter)
+
+
+__all__ = ["Adapter", "ADAPTERS", "for_config", "for_model", "for_text_config", "supported_classes"]

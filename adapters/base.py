@@ -3,13 +3,18 @@
 An adapter answers narrow questions about a stock transformers model instance: where its vision
 tower, projector, decoder and decoder layers are; which sequence columns hold visual tokens; how
 the visual tokens of a call split into groups (images, crops, tiles, frames) with their grids;
-and, when a method asks, which importance signal (e.g. the [CLS] attention row) to capture and
-where. Methods use these answers through the seams in ``vlmprune``.
+how the vision encoder is built (:mod:`vlmprune.seams.encoder`); how the decoder numbers its
+positions; what the vision side costs in FLOPs; and, when a method asks, which importance signal
+(e.g. the [CLS] attention row) to capture and where. Methods and seams use these answers and never
+test which family a model is; a new family is a new adapter.
+
+The defaults below are those of a family with 1-D RoPE positions and ``pixel_values`` of shape
+(images, 3, H, W); an adapter overrides what differs.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -17,50 +22,24 @@ import torch
 from torch import Tensor, nn
 
 from vlmprune import context
+from vlmprune.seams.encoder import EmittedLayout, EncoderLayout, EncoderLayoutError
 from vlmprune.seams.pre_llm import VisualGroup
+from vlmprune.sequence import PrunedSequence
 
 
 @dataclass
-class MergeBlock:
-    """The parts of one pre-norm ViT block that token merging (DyMU) runs by hand, in order:
-    ``x + attn(norm1(x))``, merge, ``x + mlp(norm2(x))``; ``key_proj`` gives the merging metric."""
+class PooledVideo:
+    """A video whose frame tokens a method replaced by pooled grids, in the input sequence.
 
-    layer: nn.Module
-    norm1: nn.Module
-    attn: nn.Module
-    key_proj: nn.Module
-    norm2: nn.Module
-    mlp: nn.Module
-    heads: int
+    ``columns``: the input columns now holding the pooled tokens, in order; ``blocks``: the
+    pooled grids (frames, h, w) those tokens fill one after the other; ``frame_columns``: the
+    input column of each original frame's first token; ``grid``: the original frame grid."""
 
-
-@dataclass
-class MergeLayout:
-    """Where a vision tower's blocks are, whether index 0 is a protected [CLS], the last block whose
-    output the model reads (later blocks can be skipped), and the projector fed from it."""
-
-    blocks: list[MergeBlock]
-    has_cls: bool
-    feature_block: int
-    projector: nn.Module
-
-
-@dataclass
-class PostMergeLayout:
-    """Token merging on the tokens the vision tower emits (after a patch merger that needs whole 2x2
-    groups, e.g. Qwen2-VL; after InternVL's pixel shuffle): ``rounds`` bipartite rounds per image / tile,
-    no [CLS]. ``module``: whose output holds the tokens (None: the vision tower's ``pooler_output``, packed
-    along dim 0; a module returning a (groups, tokens, dim) tensor, e.g. InternVL's projector).
-    ``group_sizes(inputs)``: tokens per image / tile in this call (None: Qwen2-VL's ``image_grid_thw``).
-    For calibration without a prompt, layouts with fixed-size groups also give ``tokens`` (per group)
-    and ``features(pixel_values)`` ((groups, tokens, dim) merge inputs)."""
-
-    rounds: int
-    merge_size: int
-    module: nn.Module | None = None
-    group_sizes: Callable[[dict[str, Any]], list[int]] | None = None
-    tokens: int | None = None
-    features: Callable[[Any], Any] | None = None
+    sample: int
+    columns: Tensor
+    blocks: list[tuple[int, int, int]]
+    frame_columns: Tensor
+    grid: tuple[int, int]
 
 
 class Adapter:
@@ -68,6 +47,10 @@ class Adapter:
 
     family: ClassVar[str] = ""
     model_classes: ClassVar[tuple[str, ...]] = ()
+    #: the config ``model_type`` of each class in ``model_classes`` (same order), for work on configs
+    model_types: ClassVar[tuple[str, ...]] = ()
+    #: ``model_type`` of the family's own text configs, when their facts differ from the defaults
+    text_model_types: ClassVar[tuple[str, ...]] = ()
     #: how kept tokens are numbered after pruning unless the method says otherwise
     default_positions: ClassVar[str] = "contiguous"
 
@@ -161,16 +144,8 @@ class Adapter:
         """Capture what the [CLS] score needs during the vision tower's forward."""
         raise TypeError(f"{type(self).__name__} must implement install_scoring()")
 
-    def merge_layout(self) -> MergeLayout:
-        """The vision blocks token merging (DyMU) runs inside; families without support say why."""
-        raise ValueError(
-            f"vlmprune: DyMU token merging is not supported for {self.family or type(self).__name__} models"
-            "; supported: the LLaVA family with a CLIP or SigLIP tower (LLaVA-1.5, LLaVA-NeXT, LLaVA-OneVision images), "
-            "Qwen2-VL / Qwen2.5-VL images (merging after the ViT) and InternVL (merging after the pixel shuffle)"
-        )
-
     def decoder_attention(self, index: int) -> nn.Module:
-        """The self-attention module of decoder layer ``index`` (for in-attention methods such as VTU)."""
+        """The self-attention module of decoder layer ``index`` (for methods that run attention themselves)."""
         return self.decoder_layers[index].self_attn
 
     def llm_rope(self, attn: nn.Module) -> Any:
@@ -182,23 +157,84 @@ class Adapter:
             raise ValueError(f"vlmprune: cannot find the rotary embedding of {type(attn).__name__}")
         return fn
 
+    # -- the vision encoder ----------------------------------------------------------------------
+    def encoder_layout(self) -> EncoderLayout | EmittedLayout:
+        """How the vision encoder is built (see :mod:`vlmprune.seams.encoder`); families without a
+        describable encoder raise :class:`~vlmprune.seams.encoder.EncoderLayoutError`."""
+        raise EncoderLayoutError(
+            f"the {self.family or type(self).__name__} family exposes no encoder block layout"
+        )
 
-def capture_projections(hooks: Any, attn: nn.Module, handle: Any, key: str, cls_only: bool) -> None:
-    """Record the q / k projections of one vision attention module while ``handle``'s call runs.
+    def image_group_sizes(self, inputs: Mapping[str, Any]) -> list[int]:
+        """Tokens the vision side emits for each image / tile of ``inputs`` (processor outputs), in
+        the order it emits them; defined by families whose groups differ in size or are not visible
+        in ``visual_groups`` without a prompt."""
+        raise ValueError(f"vlmprune: {self.family or type(self).__name__} models give no image group sizes")
 
-    Read-only forward hooks: the layer itself keeps its attention backend (SDPA / flash).
-    With ``cls_only`` only the [CLS] query row is kept.
-    """
+    def split_images(self, pixel_values: Tensor, **processor_outputs: Any) -> list[dict[str, Tensor]]:
+        """The processor's outputs for a set of images, one dict per image, holding exactly what the
+        vision tower encodes for it (e.g. only the real crops of an AnyRes image). The tensors of
+        consecutive images concatenate along dim 0 (:meth:`join_images`) into a batch
+        :meth:`encode_images` takes. Default: ``pixel_values`` (images, 3, H, W), one row each."""
+        if pixel_values.dim() != 4:
+            raise ValueError(
+                f"vlmprune: {self.family or type(self).__name__} takes pixel_values of shape (images, 3, H, W); "
+                f"got {tuple(pixel_values.shape)}"
+            )
+        return [{"pixel_values": pixel_values[i : i + 1]} for i in range(pixel_values.shape[0])]
 
-    def on_q(module: nn.Module, args: tuple, output: Tensor) -> None:
-        ctx = context.current(handle)
-        if ctx is not None and ctx.owner is handle:
-            ctx.capture(key + ".q", (output[:, 0] if cls_only else output).detach())
+    @staticmethod
+    def join_images(images: Sequence[Mapping[str, Tensor]]) -> dict[str, Tensor]:
+        """The batch of several :meth:`split_images` entries (their tensors concatenated along dim 0)."""
+        return {key: torch.cat([image[key] for image in images]) for key in images[0]}
 
-    def on_k(module: nn.Module, args: tuple, output: Tensor) -> None:
-        ctx = context.current(handle)
-        if ctx is not None and ctx.owner is handle:
-            ctx.capture(key + ".k", output.detach())
+    def encode_images(self, pixel_values: Tensor, **processor_outputs: Any) -> Any:
+        """Run the vision tower on processed images the way the stock model feeds it and return the
+        tower's output (hooks inside the tower see a real call). Default: ``pixel_values`` as is."""
+        return self.vision_tower(pixel_values)
 
-    hooks.forward(attn.q_proj, on_q)
-    hooks.forward(attn.k_proj, on_k)
+    # -- positions -------------------------------------------------------------------------------
+    def rope_positions(self, position_ids: Tensor) -> Tensor:
+        """The rows of the ``position_ids`` the decoder receives that its rotary embedding uses:
+        (B, L) for 1-D RoPE (the default: unchanged), (axes, B, L) for multi-axis RoPE."""
+        return position_ids
+
+    def continuation_positions(self, cache_positions: Tensor) -> Tensor:
+        """``position_ids`` for new tokens at 1-D cache positions ``cache_positions`` (1, n), after a
+        prefill of this model instance. Default (1-D RoPE): the cache positions themselves."""
+        return cache_positions
+
+    def pooled_video_positions(
+        self, pruned: PrunedSequence, position_ids: Tensor, videos: Sequence[PooledVideo]
+    ) -> PrunedSequence:
+        """Number the tokens of pooled videos as the stock model numbers a video of the pooled grid.
+
+        ``pruned``: the sequence after the pre-LLM seam kept the pooled tokens; ``position_ids``: the
+        positions the decoder received before pruning. Default (1-D RoPE): a token takes one position
+        whatever it holds, so the seam's numbering stands and ``pruned`` comes back unchanged."""
+        return pruned
+
+    # -- FLOPs facts (from the config alone, so FLOPs can be estimated without a model) -------------
+    @classmethod
+    def text_head_dim(cls, text_config: Any) -> int:
+        """Width of one attention head of the decoder as its layers are built."""
+        hidden, heads = int(text_config.hidden_size), int(text_config.num_attention_heads)
+        return int(getattr(text_config, "head_dim", None) or hidden // heads)
+
+    @classmethod
+    def vision_flops(cls, config: Any, inputs: Mapping[str, Any]) -> tuple[float, float]:
+        """(encoder, projector) FLOPs of the visual inputs of one call under the convention of
+        :mod:`vlmprune.flops`, read from the processor's tensors."""
+        raise ValueError(f"vlmprune.flops: {cls.family or cls.__name__} models give no vision FLOPs")
+
+    @classmethod
+    def vision_flops_at_lengths(
+        cls, config: Any, rows: int, block_lengths: Sequence[tuple[int, int]], projector_tokens: int,
+        num_blocks: int,
+    ) -> tuple[float, float]:
+        """(encoder, projector) FLOPs of an :class:`~vlmprune.seams.encoder.EncoderLayout` tower whose
+        blocks change the sequence length, for ``rows`` images run as one padded batch:
+        ``block_lengths[i]`` is the (padded) length block ``i`` attended over and the length its MLP
+        ran at (blocks beyond the list were skipped); ``projector_tokens``: rows x length the
+        projector received."""
+        raise ValueError(f"vlmprune.flops: {cls.family or cls.__name__} models have no encoder block layout")

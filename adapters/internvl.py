@@ -10,29 +10,31 @@ How the stock model lays out visual tokens (transformers 5.24, ``models/internvl
   ``pixel_shuffle`` with ``downsample_ratio`` 0.5 turns each 2x2 block of patches into one token
   (a 32x32 patch grid -> 16x16 = 256 tokens per 448px tile) before the MLP projector.
 
-FasterVLM on InternVL (spec ``fastervlm.md`` section 7): the [CLS] attention row of the block that
-produces the feature layer, averaged over heads, is pooled over exactly the patches that
-``pixel_shuffle`` merges into each token, so every LLM token gets the mean score of its patches;
-selection is top-k per tile (thumbnail included), one :class:`VisualGroup` per tile.
+Scores: the [CLS] attention row of the block that produces the feature layer, averaged over heads,
+is pooled over exactly the patches that ``pixel_shuffle`` merges into each token, so every LLM
+token gets the mean score of its patches; one :class:`VisualGroup` per tile (thumbnail included).
 
-DyMU on InternVL (spec ``dymu.md`` section 7): DToMe runs on the projector's output tokens of each tile
-(after the pixel shuffle), VTU in the Qwen2 / Llama LLM with its 1-D positions.
+Encoder: the 2x2 pixel shuffle needs whole groups of patches, so the encoder layout is the
+projector's output tokens of each tile (:class:`~vlmprune.seams.encoder.EmittedLayout`); the
+decoder (Qwen2 / Llama) uses 1-D positions.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from vlmprune import context
+from vlmprune.flops import as_pair, call_option, mlp_projector_flops, vit_flops
 from vlmprune.scoring import cls_attention_scores
+from vlmprune.seams.encoder import EmittedLayout, encoder_layers, feature_layer_index
 from vlmprune.seams.pre_llm import VisualGroup
 
 from .base import Adapter
-from .llava import encoder_layers, feature_layer_index
 
 
 class InternVLAdapter(Adapter):
@@ -40,7 +42,8 @@ class InternVLAdapter(Adapter):
 
     family = "internvl"
     model_classes = ("InternVLForConditionalGeneration",)
-    default_positions = "contiguous"  # the FasterVLM / LLaVA reference behaviour
+    model_types = ("internvl",)
+    default_positions = "contiguous"  # the numbering of the LLaVA reference code
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__(model)
@@ -82,8 +85,8 @@ class InternVLAdapter(Adapter):
     def merged_scores(self, patch_scores: Tensor) -> Tensor:
         """Pool (T, N) patch scores to (T, M) token scores with the grouping pixel_shuffle uses.
 
-        The mean (not max) over each token's patches, per spec section 7; equal-size groups make
-        mean and sum rank alike.
+        The mean (not max) over each token's patches, as the reference code pools; equal-size groups
+        make mean and sum rank alike.
         """
         side = math.isqrt(patch_scores.shape[-1])
         if side * side != patch_scores.shape[-1]:
@@ -91,16 +94,18 @@ class InternVLAdapter(Adapter):
         members = self.merge_members(side).to(patch_scores.device)
         return patch_scores[:, members].mean(dim=-1)
 
-    # -- token merging (DyMU) ------------------------------------------------------------------
-    def merge_layout(self) -> Any:
-        """DyMU after the pixel shuffle (spec section 7): merging inside InternViT would break the 2x2
-        shuffle, so the ViT and projector run in full and 3 bipartite rounds merge the projector's output
-        tokens per tile (no [CLS]: the stock model dropped it before the shuffle)."""
-        from .base import PostMergeLayout
+    # -- the vision encoder ----------------------------------------------------------------------
+    def encoder_layout(self) -> EmittedLayout:
+        """The projector's output tokens per tile (after the pixel shuffle; no [CLS]: the stock model
+        dropped it before the shuffle): changing tokens inside InternViT would break the 2x2 shuffle,
+        so the ViT and projector run in full."""
+        return EmittedLayout(merge_size=1, module=self.inner.multi_modal_projector,
+                             group_sizes=self.image_group_sizes, tokens=int(self.config.image_seq_length),
+                             features=lambda inputs: self.tile_features(inputs["pixel_values"]))
 
-        return PostMergeLayout(rounds=3, merge_size=1, module=self.inner.multi_modal_projector,
-                               group_sizes=self.tile_sizes, tokens=int(self.config.image_seq_length),
-                               features=self.tile_features)
+    def image_group_sizes(self, inputs: Mapping[str, Any]) -> list[int]:
+        """LLM tokens per tile (:meth:`tile_sizes`)."""
+        return self.tile_sizes(inputs)
 
     def tile_features(self, pixel_values: Tensor) -> Tensor:
         """(tiles, tokens, dim): the projector's output per tile, what the stock model feeds the LLM."""
@@ -207,3 +212,32 @@ class InternVLAdapter(Adapter):
             )
             for i, (sample, cols) in enumerate(chunks)
         ]
+
+    # -- FLOPs facts -----------------------------------------------------------------------------
+    @classmethod
+    def vision_flops(cls, config: Any, inputs: Mapping[str, Any]) -> tuple[float, float]:
+        """InternViT over ``pixel_values`` (tiles, 3, H, W), with [CLS]; the pixel shuffle and the MLP
+        projector over the shuffled tokens of every tile."""
+        vc = config.vision_config
+        if getattr(vc, "model_type", None) != "internvl_vision":
+            raise ValueError(
+                f"vlmprune.flops: internvl with a {getattr(vc, 'model_type', None)!r} vision tower is not supported"
+            )
+        pv = inputs.get("pixel_values")
+        if pv is None:
+            return 0.0, 0.0
+        if len(pv.shape) != 4:
+            raise ValueError(
+                f"vlmprune.flops: InternVL expects pixel_values (tiles, 3, H, W), got {tuple(pv.shape)}"
+            )
+        ph, pw = as_pair(vc.patch_size)
+        tiles, n_patches = pv.shape[0], (pv.shape[-2] // ph) * (pv.shape[-1] // pw)
+        enc = vit_flops(vc, n_patches, True, tiles)
+        strategy = call_option(inputs, config, "vision_feature_select_strategy")
+        n_tokens = n_patches + (0 if strategy == "default" else 1)
+        scale = int(1 / config.downsample_ratio)
+        side = int(n_tokens**0.5)  # the HF model reshapes to a square grid
+        tokens_out = (side // scale) ** 2
+        d_in = int(vc.hidden_size) * scale * scale
+        proj = mlp_projector_flops(tiles * tokens_out, d_in, int(config.text_config.hidden_size))
+        return float(enc), float(proj)

@@ -2,29 +2,32 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from vlmprune import context
+from vlmprune.flops import as_pair, call_option, mlp_projector_flops, vit_block_flops, vit_flops
 from vlmprune.scoring import cls_attention_scores, mean_received_attention
+from vlmprune.seams.encoder import (
+    EncoderBlock,
+    EncoderLayout,
+    EncoderLayoutError,
+    capture_projections,
+    encoder_layers,
+    feature_layer_index,
+)
 from vlmprune.seams.pre_llm import VisualGroup
 
-from .base import Adapter, MergeBlock, MergeLayout, capture_projections
+from .base import Adapter
 
+__all__ = ["LlavaAdapter", "ClipScoringMixin", "ClipTowerMixin", "clip_encoder_layout", "encoder_layers", "feature_layer_index",
+           "tower_has_cls"]
 
-def encoder_layers(tower: nn.Module) -> nn.ModuleList:
-    """The transformer blocks of a CLIP / SigLIP style vision tower."""
-    for path in ("encoder.layers", "vision_model.encoder.layers", "encoder.layer"):
-        obj: Any = tower
-        try:
-            for part in path.split("."):
-                obj = getattr(obj, part)
-        except AttributeError:
-            continue
-        return obj
-    raise TypeError(f"vlmprune: cannot find the encoder layers of vision tower {type(tower).__name__}")
+#: vision towers whose FLOPs the LLaVA family's formula covers
+_VIT_TOWERS = ("clip_vision_model", "siglip_vision_model")
 
 
 def tower_has_cls(vision_config: Any) -> bool:
@@ -32,33 +35,30 @@ def tower_has_cls(vision_config: Any) -> bool:
     return getattr(vision_config, "model_type", "") in ("clip_vision_model", "clip", "internvl_vision")
 
 
-def feature_layer_index(feature_layer: int | list[int], num_layers: int) -> int:
-    """Encoder block whose output is ``hidden_states[feature_layer]`` (index 0 is the embeddings)."""
-    layer = feature_layer[-1] if isinstance(feature_layer, (list, tuple)) else feature_layer
-    idx = num_layers + layer if layer < 0 else layer - 1
-    if not 0 <= idx < num_layers:
-        raise ValueError(f"vlmprune: vision feature layer {layer} has no attention block to score with")
-    return idx
-
-
-def clip_merge_layout(adapter: Any) -> MergeLayout:
-    """CLIP / SigLIP blocks (pre-norm: layer_norm1, self_attn, layer_norm2, mlp) for token merging, the
-    block feeding the feature layer, and the LLaVA-family projector."""
+def clip_encoder_layout(adapter: Any) -> EncoderLayout:
+    """CLIP / SigLIP blocks (pre-norm: layer_norm1, self_attn, layer_norm2, mlp), the block feeding the
+    feature layer, and the LLaVA-family projector (token-wise MLP)."""
     layer_sel = adapter.config.vision_feature_layer
     if isinstance(layer_sel, (list, tuple)):
-        raise ValueError(
-            "vlmprune: DyMU needs a single vision_feature_layer (merged layers have different token sets); "
-            f"this model concatenates layers {list(layer_sel)}"
+        raise EncoderLayoutError(
+            f"this model concatenates the vision feature layers {list(layer_sel)}, the encoder layout has a "
+            "single feature block; set one vision_feature_layer"
         )
     layers = encoder_layers(adapter.vision_tower)
     vc = adapter.config.vision_config
-    blocks = [
-        MergeBlock(layer, layer.layer_norm1, layer.self_attn, layer.self_attn.k_proj, layer.layer_norm2,
-                   layer.mlp, int(vc.num_attention_heads))
-        for layer in layers
-    ]
-    return MergeLayout(blocks, tower_has_cls(vc), feature_layer_index(layer_sel, len(layers)),
-                       adapter.inner.multi_modal_projector)
+    try:
+        blocks = [
+            EncoderBlock(layer, layer.layer_norm1, layer.self_attn, layer.self_attn.k_proj, layer.layer_norm2,
+                         layer.mlp, int(vc.num_attention_heads))
+            for layer in layers
+        ]
+    except AttributeError as exc:
+        raise EncoderLayoutError(
+            f"the {type(layers[0]).__name__} blocks of this vision tower are not CLIP / SigLIP pre-norm blocks ({exc})"
+        ) from exc
+    tokens = (int(vc.image_size) // int(vc.patch_size)) ** 2
+    return EncoderLayout(blocks, tower_has_cls(vc), feature_layer_index(layer_sel, len(layers)),
+                         adapter.inner.multi_modal_projector, tokens)
 
 
 class ClipScoringMixin:
@@ -108,9 +108,85 @@ class ClipScoringMixin:
         return total
 
 
-class LlavaAdapter(ClipScoringMixin, Adapter):
+class ClipTowerMixin(ClipScoringMixin):
+    """What the LLaVA families share about their CLIP / SigLIP tower and MLP projector: [CLS] scoring,
+    the encoder layout, and the vision FLOPs."""
+
+    def encoder_layout(self) -> EncoderLayout:
+        return clip_encoder_layout(self)
+
+    # -- FLOPs ------------------------------------------------------------------------------------
+    @classmethod
+    def vision_flops(cls, config: Any, inputs: Mapping[str, Any]) -> tuple[float, float]:
+        """CLIP / SigLIP tower and the 2-layer MLP projector over every image (crop, frame) the model
+        encodes: ``pixel_values`` (B, 3, H, W); AnyRes families also take 5-D pixel values and videos."""
+        vc = config.vision_config
+        if vc.model_type not in _VIT_TOWERS:
+            raise ValueError(
+                f"vlmprune.flops: {config.model_type} with a {vc.model_type!r} vision tower is not supported; "
+                f"supported towers: {', '.join(_VIT_TOWERS)}"
+            )
+        layer_sel = call_option(inputs, config, "vision_feature_layer")
+        strategy = call_option(inputs, config, "vision_feature_select_strategy")
+        n_feat_layers = 1 if isinstance(layer_sel, int) else len(layer_sel)
+        has_cls = vc.model_type == "clip_vision_model"
+        pooling_head = vc.model_type == "siglip_vision_model" and bool(getattr(vc, "vision_use_head", False))
+        ph, pw = as_pair(vc.patch_size)
+        d_text = int(config.text_config.hidden_size)
+        d_in = int(vc.hidden_size) * n_feat_layers
+        enc = proj = 0
+        for count, height, width in cls._encoder_passes(config, inputs):
+            n_patches = (height // ph) * (width // pw)
+            enc += vit_flops(vc, n_patches, has_cls, count, pooling_head)
+            n_tokens = n_patches + (1 if has_cls else 0) - (1 if strategy == "default" else 0)
+            proj += mlp_projector_flops(count * n_tokens, d_in, d_text)
+        return float(enc), float(proj)
+
+    @classmethod
+    def _encoder_passes(cls, config: Any, inputs: Mapping[str, Any]) -> list[tuple[int, int, int]]:
+        """(tower inputs, height, width) of every group of same-size inputs the tower encodes."""
+        groups: list[tuple[int, int, int]] = []
+        pv = inputs.get("pixel_values")
+        if pv is not None:
+            if len(pv.shape) == 4:
+                groups.append((pv.shape[0], pv.shape[-2], pv.shape[-1]))
+            elif len(pv.shape) == 5:
+                groups.append((cls._flops_crops(config, pv, inputs), pv.shape[-2], pv.shape[-1]))
+            else:
+                raise ValueError(f"vlmprune.flops: pixel_values of shape {tuple(pv.shape)}: expected 4 or 5 dims")
+        pvv = inputs.get("pixel_values_videos")
+        if pvv is not None:
+            groups.append((cls._flops_frames(config, pvv), pvv.shape[-2], pvv.shape[-1]))
+        return groups
+
+    @classmethod
+    def _flops_crops(cls, config: Any, pixel_values: Tensor, inputs: Mapping[str, Any]) -> int:
+        """Tower inputs of 5-D ``pixel_values`` (AnyRes families)."""
+        raise ValueError("vlmprune.flops: LLaVA-1.5 expects 4-D pixel_values (B, 3, H, W)")
+
+    @classmethod
+    def _flops_frames(cls, config: Any, pixel_values_videos: Tensor) -> int:
+        """Tower inputs of ``pixel_values_videos`` (families that take videos)."""
+        raise ValueError(f"vlmprune.flops: {config.model_type} takes no pixel_values_videos")
+
+    @classmethod
+    def vision_flops_at_lengths(
+        cls, config: Any, rows: int, block_lengths: Sequence[tuple[int, int]], projector_tokens: int,
+        num_blocks: int,
+    ) -> tuple[float, float]:
+        """The CLIP / SigLIP blocks at their (changing) lengths, and the MLP projector on the tokens it got."""
+        vc = config.vision_config
+        enc = vit_block_flops(vc, list(block_lengths)[:num_blocks])
+        proj = mlp_projector_flops(projector_tokens, int(vc.hidden_size), int(config.text_config.hidden_size))
+        return float(rows * enc), float(proj)
+
+
+class LlavaAdapter(ClipTowerMixin, Adapter):
+    """``LlavaForConditionalGeneration``: one fixed grid of patch tokens per image, 1-D RoPE."""
+
     family = "llava"
     model_classes = ("LlavaForConditionalGeneration",)
+    model_types = ("llava",)
 
     def _grid(self) -> tuple[int, int]:
         vc = self.config.vision_config
@@ -135,6 +211,3 @@ class LlavaAdapter(ClipScoringMixin, Adapter):
             s = score[i, score.shape[1] - n :] if score is not None else None
             groups.append(VisualGroup(sample=sample, columns=cols[extra:], grid=grid, scores=s))
         return groups
-
-    def merge_layout(self) -> MergeLayout:
-        return clip_merge_layout(self)

@@ -6,9 +6,10 @@ image's aspect ratio ("unpadding") with an ``image_newline`` token closing each 
 also shrinks very large stitched grids by bilinear interpolation (``vision_aspect_ratio``) and
 encodes video frames, pooled 2x2 (bilinear) with one newline after each video.
 
-FasterVLM's ``anyres="unpad"`` behaviour (spec section 4): one group per crop, base view
-included, over the full crop grid, so every crop keeps the same k; crop tokens the unpadding
-removes get column -1. Newline tokens belong to no group and are therefore always kept. Rather
+Groups: one per crop, base view included, over the full crop grid (the reference code's
+``anyres="unpad"`` layout), so a method keeps the same k in every crop;
+crop tokens the unpadding removes get column -1. Newline tokens belong to no group and are
+therefore always kept. Rather
 than re-deriving the packing arithmetic, the adapter runs the model's own ``pack_image_features``
 (and ``apply_pooling``) on index tensors, so the token-to-column map stays right for any grid.
 """
@@ -17,32 +18,99 @@ from __future__ import annotations
 
 import math
 import sys
+from collections.abc import Mapping
 from typing import Any
 
 import torch
 from torch import Tensor
 
 from vlmprune import context
+from vlmprune.flops import as_rows
 from vlmprune.seams.pre_llm import VisualGroup
 
 from .base import Adapter
-from .llava import ClipScoringMixin, tower_has_cls
+from .llava import ClipTowerMixin, tower_has_cls
 
 #: marks a newline (or any non-grid) position in packed index tensors
 _NEWLINE = -1.0
 
 
-class LlavaNextAdapter(ClipScoringMixin, Adapter):
-    """``LlavaNextForConditionalGeneration``: CLIP tower with [CLS], every image AnyRes-patched."""
+def _anyres_crops(cfg: Any, image_sizes: list[list[int]], batch_num_images: Any, max_crops: int) -> int:
+    """Crops the HF model keeps from 5-D pixel_values: base image + the anyres grid of the best resolution
+    for each image's (height, width) (LLaVA-OneVision: just the base image when a sample has several).
+    From the config alone, for FLOPs estimates without a model."""
+    from transformers.image_processing_utils import select_best_resolution
+
+    side = int(cfg.vision_config.image_size)
+    if batch_num_images is None:
+        patching = [True] * len(image_sizes)
+    else:
+        nums = [
+            int(n)
+            for n in (batch_num_images.tolist() if hasattr(batch_num_images, "tolist") else batch_num_images)
+        ]
+        patching = [n == 1 for n in nums for _ in range(n)]
+    total = 0
+    for (h, w), should_patch in zip(image_sizes, patching):
+        if should_patch:
+            bh, bw = select_best_resolution((h, w), cfg.image_grid_pinpoints)
+            crops = math.ceil(bh / side) * math.ceil(bw / side) + 1
+        else:
+            crops = 1
+        total += min(crops, max_crops)
+    return total
+
+
+class LlavaNextAdapter(ClipTowerMixin, Adapter):
+    """``LlavaNextForConditionalGeneration``: CLIP tower with [CLS], every image AnyRes-patched.
+    The encoder layout is the CLIP / SigLIP blocks, every crop an input of its own."""
 
     family = "llava_next"
     model_classes = ("LlavaNextForConditionalGeneration",)
+    model_types = ("llava_next",)
 
-    def merge_layout(self) -> Any:
-        """Token merging (DyMU) runs in the CLIP / SigLIP blocks, every crop on its own (batched)."""
-        from .llava import clip_merge_layout
+    # -- images for the vision tower --------------------------------------------------------------
+    def split_images(
+        self, pixel_values: Tensor, image_sizes: Any = None, batch_num_images: Any = None, **processor_outputs: Any
+    ) -> list[dict[str, Tensor]]:
+        """4-D ``pixel_values``: one row per image (crops given one by one). 5-D (images, crops, 3, H, W),
+        the processor's AnyRes output padded to the most crops: each image's real crops, counted from
+        ``image_sizes`` (and OneVision's ``batch_num_images``) exactly as the model's
+        ``get_image_features`` counts them, so the padding crops are dropped."""
+        if pixel_values.dim() == 4:
+            return super().split_images(pixel_values)
+        if pixel_values.dim() != 5:
+            raise ValueError(
+                f"vlmprune: {self.family} takes pixel_values (images, crops, 3, H, W) or (crops, 3, H, W); "
+                f"got {tuple(pixel_values.shape)}"
+            )
+        if image_sizes is None:
+            raise ValueError(
+                "vlmprune: 5-D pixel_values (images, crops, 3, H, W) need the processor's image_sizes to tell "
+                "each image's crops from the padding; pass image_sizes=... with them"
+            )
+        counts = self._crop_counts(image_sizes, batch_num_images)
+        return [{"pixel_values": crops[:n]} for crops, n in zip(pixel_values, counts)]
 
-        return clip_merge_layout(self)
+    def encode_images(self, pixel_values: Tensor, **processor_outputs: Any) -> Any:
+        """The tower over every crop the model encodes (5-D pixel values flattened as the model does)."""
+        if pixel_values.dim() == 5:
+            pixel_values = self.join_images(self.split_images(pixel_values, **processor_outputs))["pixel_values"]
+        return self.vision_tower(pixel_values)
+
+    def _crop_counts(self, image_sizes: Any, batch_num_images: Any = None) -> list[int]:
+        """Crops the model encodes per image (every image AnyRes-patched)."""
+        return [self._patched_crops(size) for size in image_sizes]
+
+    # -- FLOPs ------------------------------------------------------------------------------------
+    @classmethod
+    def _flops_crops(cls, config: Any, pixel_values: Tensor, inputs: Mapping[str, Any]) -> int:
+        """Only the crops the HF model keeps (base + AnyRes grid of the best pinpoint; OneVision: 1 crop
+        per image when ``batch_num_images`` says a sample has several)."""
+        sizes = inputs.get("image_sizes")
+        if sizes is None:
+            raise ValueError(f"vlmprune.flops: {config.model_type} with 5-D pixel_values needs image_sizes")
+        return _anyres_crops(config, as_rows(sizes), inputs.get("batch_num_images"), pixel_values.shape[1])
 
     # -- geometry ---------------------------------------------------------------------------------
     def _modeling(self) -> Any:
@@ -204,6 +272,21 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
 
     family = "llava_onevision"
     model_classes = ("LlavaOnevisionForConditionalGeneration",)
+    model_types = ("llava_onevision",)
+
+    def _crop_counts(self, image_sizes: Any, batch_num_images: Any = None) -> list[int]:
+        """Crops per image: AnyRes-patched only when its sample has one image (``batch_num_images``),
+        every image patched without it, as ``get_image_features`` decides."""
+        patched = [self._patched_crops(size) for size in image_sizes]
+        if batch_num_images is None:
+            return patched
+        need = [int(k) == 1 for k in batch_num_images for _ in range(int(k))]
+        return [p if nd else 1 for p, nd in zip(patched, need)]
+
+    @classmethod
+    def _flops_frames(cls, config: Any, pixel_values_videos: Tensor) -> int:
+        """Every frame of every video."""
+        return pixel_values_videos.shape[0] * pixel_values_videos.shape[1]
 
     def _aspect_ratio(self, ctx: context.CallContext) -> str:
         return ctx.inputs.get("vision_aspect_ratio") or self.config.vision_aspect_ratio
@@ -230,12 +313,10 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
         without that input every image is patched. When the call's ``batch_num_images`` is not
         visible to the adapter, the per-sample placeholder counts decide between the two rules."""
         sizes = ctx.inputs["image_sizes"]
-        patched = [self._patched_crops(s) for s in sizes]
         given = ctx.inputs.get("batch_num_images")
         if given is not None:
-            need = [int(k) == 1 for k in given for _ in range(int(k))]
-            return [p if nd else 1 for p, nd in zip(patched, need)]
-        return self._infer_crops(ctx, image_counts, patched)
+            return self._crop_counts(sizes, given)
+        return self._infer_crops(ctx, image_counts, self._crop_counts(sizes))
 
     def _infer_crops(self, ctx: context.CallContext, counts: list[int], patched: list[int]) -> list[int]:
         """Choose between OneVision's two patching rules by the per-sample placeholder counts;

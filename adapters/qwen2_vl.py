@@ -8,14 +8,21 @@ tokens (``image_token_id`` / ``video_token_id``) and are scattered separately, i
 
 Positions: the stock model computes 3-D M-RoPE positions (t, h, w) before the decoder, so the
 pre-LLM seam receives them and, in the default ``"original"`` mode, every kept token keeps its
-original (t, h, w) position and decoding continues where the unpruned model would.
+original (t, h, w) position and decoding continues where the unpruned model would. This adapter is
+the one place that knows the M-RoPE layout: ``generate``'s extra text row
+(:meth:`Qwen2VLAdapter.rope_positions`), the ``rope_deltas`` offset of tokens after the prefill
+(:meth:`~Qwen2VLAdapter.continuation_positions`) and how ``get_rope_index`` numbers a video grid
+(:meth:`~Qwen2VLAdapter.pooled_video_positions`).
+
+Encoder: the ViT's 2-D RoPE and the 2x2 patch merger need whole groups of patches, so the encoder
+layout is the merger's output tokens (:class:`~vlmprune.seams.encoder.EmittedLayout`), per image.
 
 Groups: one per image, and one per temporal slot of a video (each of the ``grid_t`` slices of
 (h/merge) x (w/merge) merged tokens), so a method keeps k tokens per frame.
 
-Scores: the Qwen ViTs have no [CLS] token, so FasterVLM uses the labelled fallback
-(``score_kind = "nocls"``, spec section 7): the mean attention each ViT token receives over all
-queries and heads of the LAST vision block, per image / frame, then averaged over each group of
+Scores: the Qwen ViTs have no [CLS] token, so [CLS]-row scoring uses vlmprune's labelled
+fallback for towers without one (``score_kind = "nocls"``): the mean attention each ViT token
+receives over all queries and heads of the LAST vision block, per image / frame, then averaged over each group of
 ``spatial_merge_size**2`` consecutive ViT tokens (one merged token). Qwen2.5-VL runs its ViT in
 window order; the pooled scores are put back in raster order with the same ``reverse_indices``
 the model applies to the merger output.
@@ -23,7 +30,9 @@ the model applies to the merger output.
 
 from __future__ import annotations
 
+import dataclasses
 import sys
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -31,10 +40,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from vlmprune import context
+from vlmprune.flops import as_rows
 from vlmprune.scoring import mean_received_attention
+from vlmprune.seams.encoder import EmittedLayout
 from vlmprune.seams.pre_llm import VisualGroup
+from vlmprune.sequence import PrunedSequence
 
-from .base import Adapter
+from .base import Adapter, PooledVideo
 
 _GRID_KEY = "qwen2_vl.grid"  # (grid_thw, window_index or None) per vision-tower call
 _SCORE_KEY = "qwen2_vl.vit_scores"  # (num_vit_tokens,) per vision-tower call, in ViT order
@@ -87,7 +99,7 @@ def frame_received_attention(
     The attention of the block is block-diagonal over the segments of ``cu_seqlens`` (one per
     frame in a full-attention block, one per window in a Qwen2.5-VL window block). A segment's
     keys only receive attention from its own queries; dividing the received sum by the frame's
-    token count (not the segment's) gives the spec's mean over every query of the frame, with the
+    token count (not the segment's) gives the mean over every query of the frame, with the
     zeros of the block-diagonal map included. Returns (N,) float32 in ViT order.
     """
     bounds = cu_seqlens.tolist()
@@ -108,6 +120,8 @@ class Qwen2VLAdapter(Adapter):
 
     family = "qwen2_vl"
     model_classes = ("Qwen2VLForConditionalGeneration", "Qwen2_5_VLForConditionalGeneration")
+    model_types = ("qwen2_vl", "qwen2_5_vl")
+    text_model_types = ("qwen2_vl_text", "qwen2_5_vl_text")
     default_positions = "original"
 
     def __init__(self, model: nn.Module) -> None:
@@ -128,12 +142,44 @@ class Qwen2VLAdapter(Adapter):
         """Qwen2.5-VL's ViT runs in window order and un-permutes the merger output."""
         return hasattr(self.vision_tower, "fullatt_block_indexes")
 
-    def merge_layout(self) -> Any:
-        """DyMU on the merger's output tokens (spec option 1): merging inside the ViT would break its 2-D
-        RoPE and the 2x2 PatchMerger, so the ViT runs in full and 3 rounds merge its output per image."""
-        from .base import PostMergeLayout
+    def encoder_layout(self) -> EmittedLayout:
+        """The merger's output tokens, per image: changing tokens inside the ViT would break its 2-D
+        RoPE and the 2x2 PatchMerger, so the ViT runs in full."""
+        return EmittedLayout(merge_size=self.merge_size, module=self.vision_tower,
+                             group_sizes=self.image_group_sizes, features=self._emitted_tokens)
 
-        return PostMergeLayout(rounds=3, merge_size=self.merge_size)
+    def image_group_sizes(self, inputs: Mapping[str, Any]) -> list[int]:
+        """Merged tokens of each image: t * h * w / merge_size**2 from ``image_grid_thw``."""
+        grid = inputs.get("image_grid_thw")
+        if grid is None:
+            raise ValueError("vlmprune: Qwen2-VL image inputs need image_grid_thw (the processor returns it)")
+        m = self.merge_size
+        return [int(t * h * w) // (m * m) for t, h, w in grid.tolist()]
+
+    def split_images(
+        self, pixel_values: Tensor, image_grid_thw: Tensor | None = None, **processor_outputs: Any
+    ) -> list[dict[str, Tensor]]:
+        """The packed patches of each image (t * h * w rows of ``pixel_values``) with its grid row."""
+        if image_grid_thw is None:
+            raise ValueError(
+                "vlmprune: Qwen2-VL pixel_values are packed patches; pass the processor's image_grid_thw with them"
+            )
+        ends = image_grid_thw.prod(-1).cumsum(0).tolist()
+        starts = [0, *ends[:-1]]
+        return [{"pixel_values": pixel_values[lo:hi], "image_grid_thw": image_grid_thw[i : i + 1]}
+                for i, (lo, hi) in enumerate(zip(starts, ends))]
+
+    def encode_images(self, pixel_values: Tensor, image_grid_thw: Tensor | None = None, **processor_outputs: Any) -> Any:
+        """The ViT and merger over packed patches with their grids, as the stock model calls them."""
+        if image_grid_thw is None:
+            raise ValueError(
+                "vlmprune: Qwen2-VL pixel_values are packed patches; pass the processor's image_grid_thw with them"
+            )
+        return self.vision_tower(pixel_values, grid_thw=image_grid_thw)
+
+    def _emitted_tokens(self, inputs: Mapping[str, Any]) -> Tensor:
+        """(tokens, dim): the merger's output for ``inputs``, images packed in order."""
+        return self.encode_images(**inputs).pooler_output
 
     def scoring_attention(self) -> nn.Module:
         """The attention module of the last vision block (the fallback's layer)."""
@@ -262,6 +308,61 @@ class Qwen2VLAdapter(Adapter):
         return out
 
     # -- positions -------------------------------------------------------------------------------
+    @staticmethod
+    def _has_text_axis(position_ids: Any) -> bool:
+        """``generate`` hands the model (4, B, L) positions: a plain text row on the three M-RoPE rows."""
+        return isinstance(position_ids, Tensor) and position_ids.dim() == 3 and position_ids.shape[0] == 4
+
+    def rope_positions(self, position_ids: Tensor) -> Tensor:
+        """The three M-RoPE rows (t, h, w): the text row ``generate`` stacks first is dropped."""
+        return position_ids[1:] if self._has_text_axis(position_ids) else position_ids
+
+    def continuation_positions(self, cache_positions: Tensor) -> Tensor:
+        """New tokens after a prefill take ``cache position + rope_deltas`` on all three M-RoPE axes."""
+        deltas = getattr(self.inner, "rope_deltas", None)
+        if deltas is None:
+            return cache_positions
+        n = cache_positions.shape[-1]
+        return cache_positions.unsqueeze(0).expand(3, 1, n) + deltas.to(cache_positions.device).view(1, -1, 1)
+
+    def pooled_video_positions(
+        self, pruned: PrunedSequence, position_ids: Tensor, videos: Sequence[PooledVideo]
+    ) -> PrunedSequence:
+        """Give the pooled tokens the positions ``get_rope_index`` gives a video of the pooled grid: from
+        the video's start, t' x the video's own time step (read off the original positions), h' and w'
+        on their axes, and the text after the video advanced by max(h', w') instead of max(h, w); each
+        pooled block is numbered as one such grid after the other."""
+        pos = pruned.position_ids
+        original = self.rope_positions(position_ids)
+        if pos.dim() != 3 or not videos:
+            return pruned
+        pos = pos.clone()
+        cols = pruned.columns
+        real = cols >= 0
+        if pruned.attention_mask is not None:
+            real &= pruned.attention_mask.bool()
+        for video in videos:
+            sample, anchors, frame_starts = video.sample, video.columns, video.frame_columns
+            row = cols[sample]
+            where = torch.full((int(row.max()) + 1,), -1, dtype=torch.long, device=row.device)
+            where[row[row >= 0]] = torch.nonzero(row >= 0).squeeze(1)
+            new_cols = where[anchors.to(row.device)]
+            old = original[:, min(sample, original.shape[1] - 1)]
+            start = int(old[1:, anchors[0]].min())
+            step = int(old[0, frame_starts[1]] - old[0, frame_starts[0]]) if frame_starts.numel() > 1 else 1
+            ids, current = [], start
+            for f, h, w in video.blocks:
+                tt, hh, ww = torch.meshgrid(torch.arange(f) * step, torch.arange(h), torch.arange(w), indexing="ij")
+                ids.append(torch.stack([tt.reshape(-1), hh.reshape(-1), ww.reshape(-1)]) + current)
+                current += max(h, w)
+            pos[:, sample, new_cols] = torch.cat(ids, dim=1).to(pos)
+            after = (torch.arange(row.numel(), device=row.device) > new_cols[-1]) & real[sample]
+            pos[:, sample, after] += current - (start + max(video.grid))
+        masked = pos.masked_fill(~real.unsqueeze(0), torch.iinfo(pos.dtype).min)
+        nxt = masked.amax(dim=(0, 2)) + 1
+        nxt = torch.where(real.any(dim=1), nxt, torch.zeros_like(nxt))
+        return dataclasses.replace(pruned, position_ids=pos, next_position=nxt)
+
     def install_seam(self, hooks: Any, handle: Any) -> None:
         """Give the decoder 3-axis M-RoPE positions in image-bearing calls of ``handle``.
 
@@ -279,14 +380,67 @@ class Qwen2VLAdapter(Adapter):
         def on_inner(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
             ctx = context.current(handle)
             pos = kwargs.get("position_ids")
-            if ctx is None or ctx.owner is not handle or not isinstance(pos, Tensor):
-                return None
-            if pos.dim() != 3 or pos.shape[0] != 4:
+            if ctx is None or ctx.owner is not handle or not self._has_text_axis(pos):
                 return None
             if kwargs.get("pixel_values") is None and kwargs.get("pixel_values_videos") is None:
                 return None
             kwargs = dict(kwargs)
-            kwargs["position_ids"] = pos[1:]
+            kwargs["position_ids"] = self.rope_positions(pos)
             return args, kwargs
 
         hooks.forward_pre(self.inner, on_inner, with_kwargs=True)
+
+    # -- FLOPs facts -----------------------------------------------------------------------------
+    @classmethod
+    def text_head_dim(cls, text_config: Any) -> int:
+        """Qwen2-VL's attention uses hidden_size // num_attention_heads whatever ``head_dim`` says."""
+        return int(text_config.hidden_size) // int(text_config.num_attention_heads)
+
+    @classmethod
+    def vision_flops(cls, config: Any, inputs: Mapping[str, Any]) -> tuple[float, float]:
+        """``image_grid_thw`` / ``video_grid_thw`` next to ``pixel_values`` / ``pixel_values_videos``:
+        prod(t, h, w) patches each, a Conv3d over ``temporal_patch_size`` frames per patch; Qwen2-VL
+        attends per frame, Qwen2.5-VL inside windows except on its ``fullatt_block_indexes`` layers;
+        the PatchMerger MLP over the merged tokens."""
+        vc = config.vision_config
+        qwen25 = config.model_type == "qwen2_5_vl"
+        if qwen25:
+            d = int(vc.hidden_size)
+            out = int(vc.out_hidden_size)
+            mlp_per_token = 2 * 3 * d * int(vc.intermediate_size)  # gated MLP
+            full_layers = {int(i) for i in vc.fullatt_block_indexes}
+        else:
+            d = int(vc.embed_dim)
+            out = int(vc.hidden_size)
+            mlp_per_token = 2 * 2 * d * int(d * vc.mlp_ratio)
+            full_layers = set(range(int(vc.depth)))
+        depth = int(vc.depth)
+        p, tp, m = int(vc.patch_size), int(vc.temporal_patch_size), int(vc.spatial_merge_size)
+        channels = int(getattr(vc, "in_channels", 3))
+
+        grids: list[list[int]] = []
+        for pixels, grid in (("pixel_values", "image_grid_thw"), ("pixel_values_videos", "video_grid_thw")):
+            if inputs.get(pixels) is not None:
+                if inputs.get(grid) is None:
+                    raise ValueError(f"vlmprune.flops: {config.model_type} needs {grid} with {pixels}")
+                grids += as_rows(inputs[grid])
+
+        enc = proj = 0
+        hidden = d * m * m
+        for t, h, w in grids:
+            n = t * h * w
+            frame = h * w
+            full_attn = t * 4 * frame * frame * d
+            if qwen25:
+                ws = int(vc.window_size) // m // p
+                mh, mw = h // m, w // m
+                rows = [min(ws, mh - i) for i in range(0, mh, ws)]
+                cols = [min(ws, mw - j) for j in range(0, mw, ws)]
+                win_attn = t * sum(4 * (r * c * m * m) ** 2 * d for r in rows for c in cols)
+            else:
+                win_attn = full_attn
+            per_layer_linear = 2 * n * 4 * d * d + n * mlp_per_token  # qkv (3d²) + proj (d²) + MLP
+            attn = sum(full_attn if i in full_layers else win_attn for i in range(depth))
+            enc += 2 * n * channels * tp * p * p * d + depth * per_layer_linear + attn
+            proj += 2 * (n // (m * m)) * (hidden * hidden + hidden * out)
+        return float(enc), float(proj)

@@ -422,7 +422,7 @@ def test_unsupported_family_and_composition():
     from vlmprune.adapters.base import Adapter
 
     with pytest.raises(ValueError, match="not supported for Adapter models.*InternVL"):
-        Adapter(SimpleNamespace(model=None, config=None)).merge_layout()
+        dymu.encoder_layout(Adapter(SimpleNamespace(model=None, config=None)))
     model = tiny()
     with pytest.raises(ValueError, match="vtu=False"):
         vlmprune.apply(model, [vlmprune.DyMUConfig(thresholds=[None] * 4), vlmprune.DyVTEConfig(exit_layer=1)])

@@ -7,8 +7,9 @@ Convention (the one every vlmprune FLOPs figure uses)
   the two attention products QKᵀ and A·V. Biases, norms, activations, softmax, rotary embeddings,
   residual adds, embedding look-ups, pixel shuffles and interpolations are ignored (about 1% or less at
   real model sizes).
-* Vision encoder: the patch-embedding convolution plus every layer the Hugging Face vision tower actually
-  executes (CLIP/SigLIP towers run all layers even when the feature layer is -2; SigLIP's attention-pooling
+* Vision encoder (each family's adapter applies this convention to its tower, ``Adapter.vision_flops``;
+  this module keeps the shared formulas): the patch-embedding convolution plus every layer the Hugging Face
+  vision tower actually executes (CLIP/SigLIP towers run all layers even when the feature layer is -2; SigLIP's attention-pooling
   head is counted when ``vision_use_head`` is set), with the full N² attention term over the tokens of each
   image / crop / frame / tile it attends over. Qwen2-VL attends per frame; Qwen2.5-VL attends inside
   windows except on its ``fullatt_block_indexes`` layers.
@@ -35,35 +36,40 @@ Convention (the one every vlmprune FLOPs figure uses)
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
 __all__ = [
     "FlopsReport",
-    "SUPPORTED_MODEL_TYPES",
+    "as_pair",
+    "as_rows",
+    "call_option",
     "cross_attention_flops",
     "decode_flops",
     "estimate",
     "fastv_flops",
     "llm_flops",
+    "mlp_projector_flops",
+    "supported_model_types",
     "vision_flops",
+    "vit_flops",
     "vit_flops_at_lengths",
 ]
 
-#: model_type of the supported VLM configs -> the transformers class that uses it.
-SUPPORTED_MODEL_TYPES: dict[str, str] = {
-    "llava": "LlavaForConditionalGeneration",
-    "llava_next": "LlavaNextForConditionalGeneration",
-    "llava_onevision": "LlavaOnevisionForConditionalGeneration",
-    "qwen2_vl": "Qwen2VLForConditionalGeneration",
-    "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration",
-    "internvl": "InternVLForConditionalGeneration",
-}
-_VIT_TOWERS = ("clip_vision_model", "siglip_vision_model")
-# Text models whose attention uses hidden_size // num_attention_heads whatever head_dim says.
-_HEAD_DIM_FROM_HIDDEN = ("qwen2_vl_text", "qwen2_5_vl_text")
+
+def supported_model_types() -> dict[str, str]:
+    """``model_type`` of every supported VLM config -> the transformers class that uses it (from the adapters)."""
+    from vlmprune.adapters import ADAPTERS
+
+    return {mt: cls for adapter in ADAPTERS for cls, mt in zip(adapter.model_classes, adapter.model_types)}
+
+
+def __getattr__(name: str) -> Any:
+    """``SUPPORTED_MODEL_TYPES`` (see :func:`supported_model_types`), computed from the adapters when read."""
+    if name == "SUPPORTED_MODEL_TYPES":
+        return supported_model_types()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 @dataclass(frozen=True)
@@ -93,18 +99,22 @@ class FlopsReport:
 
 
 def _unsupported(config: Any) -> ValueError:
-    names = ", ".join(f"{cls} ({mt})" for mt, cls in SUPPORTED_MODEL_TYPES.items())
+    names = ", ".join(f"{cls} ({mt})" for mt, cls in supported_model_types().items())
     return ValueError(
         f"vlmprune.flops: unsupported model config {type(config).__name__} "
         f"(model_type={getattr(config, 'model_type', None)!r}); supported: {names}"
     )
 
 
-def _model_config(model_or_config: Any) -> Any:
+def _family(model_or_config: Any) -> tuple[Any, Any]:
+    """(config, adapter class) of a supported VLM or its config; the adapter holds the family's facts."""
+    from vlmprune.adapters import for_config
+
     cfg = getattr(model_or_config, "config", model_or_config)
-    if getattr(cfg, "model_type", None) not in SUPPORTED_MODEL_TYPES:
+    family = for_config(cfg)
+    if family is None:
         raise _unsupported(cfg)
-    return cfg
+    return cfg, family
 
 
 def _text_config(config: Any) -> Any:
@@ -125,9 +135,9 @@ def _text_dims(tc: Any) -> tuple[int, int, int, int, int, int, int]:
     d = int(tc.hidden_size)
     h = int(tc.num_attention_heads)
     kv = int(getattr(tc, "num_key_value_heads", None) or h)
-    hd = getattr(tc, "head_dim", None)
-    if tc.model_type in _HEAD_DIM_FROM_HIDDEN or not hd:
-        hd = d // h
+    from vlmprune.adapters import for_text_config
+
+    hd = for_text_config(tc).text_head_dim(tc)
     return d, h, kv, int(hd), int(tc.intermediate_size), int(tc.num_hidden_layers), int(tc.vocab_size)
 
 
@@ -140,207 +150,74 @@ def _per_layer(value: int | Sequence[int], layers: int, name: str) -> list[int]:
     return vals
 
 
-def _pair(x: Any) -> tuple[int, int]:
+def as_pair(x: Any) -> tuple[int, int]:
+    """An int or an (h, w) pair (a config's ``patch_size`` / ``image_size``) as an (h, w) pair."""
     if isinstance(x, (list, tuple)):
         return int(x[0]), int(x[1])
     return int(x), int(x)
 
 
-def _rows(x: Any) -> list[list[int]]:
+def as_rows(x: Any) -> list[list[int]]:
     """A (k, 2|3) tensor / array / nested list as a list of int rows."""
     if hasattr(x, "tolist"):
         x = x.tolist()
     return [[int(v) for v in row] for row in x]
 
 
-def _override(inputs: Mapping[str, Any], cfg: Any, key: str) -> Any:
+def call_option(inputs: Mapping[str, Any], cfg: Any, key: str) -> Any:
     """A forward kwarg passed with the inputs wins over the config default, as in the HF forward."""
     value = inputs.get(key)
     return getattr(cfg, key) if value is None else value
 
 
-def _vit_flops(vc: Any, n_patches: int, cls_token: bool, images: int) -> int:
-    """A CLIP / SigLIP / InternViT tower over `images` inputs of `n_patches` patches each."""
+def vit_flops(vc: Any, n_patches: int, cls_token: bool, images: int, pooling_head: bool = False) -> int:
+    """A pre-norm ViT tower (CLIP / SigLIP / InternViT) over ``images`` inputs of ``n_patches`` patches
+    each: the patch convolution and every layer; ``pooling_head``: SigLIP's attention-pooling head."""
     d, inter, layers = int(vc.hidden_size), int(vc.intermediate_size), int(vc.num_hidden_layers)
-    ph, pw = _pair(vc.patch_size)
+    ph, pw = as_pair(vc.patch_size)
     channels = int(getattr(vc, "num_channels", 3))
     n = n_patches + (1 if cls_token else 0)
     conv = 2 * n_patches * channels * ph * pw * d
     # q, k, v, out projections (4·d²), QKᵀ and A·V (2·n²·d each), fc1 + fc2
     layer = 2 * n * 4 * d * d + 4 * n * n * d + 4 * n * d * inter
     head = 0
-    if vc.model_type == "siglip_vision_model" and getattr(vc, "vision_use_head", False):
+    if pooling_head:
         # nn.MultiheadAttention with one probe query: q and out on 1 token, k and v on n, then an MLP.
         head = 2 * d * d + 4 * n * d * d + 4 * n * d + 2 * d * d + 4 * d * inter
     return images * (conv + layers * layer + head)
 
 
-def _llava_family(cfg: Any, inputs: Mapping[str, Any]) -> tuple[float, float]:
-    vc = cfg.vision_config
-    if vc.model_type not in _VIT_TOWERS:
-        raise ValueError(
-            f"vlmprune.flops: {cfg.model_type} with a {vc.model_type!r} vision tower is not supported; "
-            f"supported towers: {', '.join(_VIT_TOWERS)}"
-        )
-    layer_sel = _override(inputs, cfg, "vision_feature_layer")
-    strategy = _override(inputs, cfg, "vision_feature_select_strategy")
-    n_feat_layers = 1 if isinstance(layer_sel, int) else len(layer_sel)
-    has_cls = vc.model_type == "clip_vision_model"
-    ph, pw = _pair(vc.patch_size)
-    d_text = int(cfg.text_config.hidden_size)
-    d_in = int(vc.hidden_size) * n_feat_layers
-
-    # (number of encoder passes, height, width) groups
-    groups: list[tuple[int, int, int]] = []
-    pv = inputs.get("pixel_values")
-    if pv is not None:
-        if len(pv.shape) == 4:
-            groups.append((pv.shape[0], pv.shape[-2], pv.shape[-1]))
-        elif len(pv.shape) == 5:
-            if cfg.model_type == "llava":
-                raise ValueError("vlmprune.flops: LLaVA-1.5 expects 4-D pixel_values (B, 3, H, W)")
-            sizes = inputs.get("image_sizes")
-            if sizes is None:
-                raise ValueError(f"vlmprune.flops: {cfg.model_type} with 5-D pixel_values needs image_sizes")
-            crops = _anyres_crops(cfg, _rows(sizes), inputs.get("batch_num_images"), pv.shape[1])
-            groups.append((crops, pv.shape[-2], pv.shape[-1]))
-        else:
-            raise ValueError(f"vlmprune.flops: pixel_values of shape {tuple(pv.shape)}: expected 4 or 5 dims")
-    pvv = inputs.get("pixel_values_videos")
-    if pvv is not None:
-        if cfg.model_type != "llava_onevision":
-            raise ValueError(f"vlmprune.flops: {cfg.model_type} takes no pixel_values_videos")
-        groups.append((pvv.shape[0] * pvv.shape[1], pvv.shape[-2], pvv.shape[-1]))
-
-    enc = proj = 0
-    for count, height, width in groups:
-        n_patches = (height // ph) * (width // pw)
-        enc += _vit_flops(vc, n_patches, has_cls, count)
-        n_tokens = n_patches + (1 if has_cls else 0) - (1 if strategy == "default" else 0)
-        proj += count * 2 * n_tokens * (d_in * d_text + d_text * d_text)
-    return float(enc), float(proj)
+def vit_block_flops(vc: Any, block_lengths: Sequence[tuple[int, int]]) -> int:
+    """One image through a pre-norm ViT whose blocks run at changing lengths: the patch convolution over
+    the config's image size, then per block (n_in, n_out) the projections and the attention products at
+    n_in and the MLP at n_out."""
+    d, inter = int(vc.hidden_size), int(vc.intermediate_size)
+    ph, pw = as_pair(vc.patch_size)
+    side_h, side_w = as_pair(vc.image_size)
+    n_patches = (side_h // ph) * (side_w // pw)
+    channels = int(getattr(vc, "num_channels", 3))
+    enc = 2 * n_patches * channels * ph * pw * d
+    for n_in, n_out in block_lengths:
+        enc += 2 * n_in * 4 * d * d + 4 * n_in * n_in * d + 4 * n_out * d * inter
+    return enc
 
 
-def _anyres_crops(cfg: Any, image_sizes: list[list[int]], batch_num_images: Any, max_crops: int) -> int:
-    """Crops the HF model keeps from 5-D pixel_values: base image + the anyres grid of the best resolution
-    for each image's (height, width) (LLaVA-OneVision: just the base image when a sample has several)."""
-    from transformers.image_processing_utils import select_best_resolution
-
-    side = int(cfg.vision_config.image_size)
-    if batch_num_images is None:
-        patching = [True] * len(image_sizes)
-    else:
-        nums = [
-            int(n)
-            for n in (batch_num_images.tolist() if hasattr(batch_num_images, "tolist") else batch_num_images)
-        ]
-        patching = [n == 1 for n in nums for _ in range(n)]
-    total = 0
-    for (h, w), should_patch in zip(image_sizes, patching):
-        if should_patch:
-            bh, bw = select_best_resolution((h, w), cfg.image_grid_pinpoints)
-            crops = math.ceil(bh / side) * math.ceil(bw / side) + 1
-        else:
-            crops = 1
-        total += min(crops, max_crops)
-    return total
-
-
-def _qwen_family(cfg: Any, inputs: Mapping[str, Any]) -> tuple[float, float]:
-    vc = cfg.vision_config
-    qwen25 = cfg.model_type == "qwen2_5_vl"
-    if qwen25:
-        d = int(vc.hidden_size)
-        out = int(vc.out_hidden_size)
-        mlp_per_token = 2 * 3 * d * int(vc.intermediate_size)  # gated MLP
-        full_layers = {int(i) for i in vc.fullatt_block_indexes}
-    else:
-        d = int(vc.embed_dim)
-        out = int(vc.hidden_size)
-        mlp_per_token = 2 * 2 * d * int(d * vc.mlp_ratio)
-        full_layers = set(range(int(vc.depth)))
-    depth = int(vc.depth)
-    p, tp, m = int(vc.patch_size), int(vc.temporal_patch_size), int(vc.spatial_merge_size)
-    channels = int(getattr(vc, "in_channels", 3))
-
-    grids: list[list[int]] = []
-    for pixels, grid in (("pixel_values", "image_grid_thw"), ("pixel_values_videos", "video_grid_thw")):
-        if inputs.get(pixels) is not None:
-            if inputs.get(grid) is None:
-                raise ValueError(f"vlmprune.flops: {cfg.model_type} needs {grid} with {pixels}")
-            grids += _rows(inputs[grid])
-
-    enc = proj = 0
-    hidden = d * m * m
-    for t, h, w in grids:
-        n = t * h * w
-        frame = h * w
-        full_attn = t * 4 * frame * frame * d
-        if qwen25:
-            ws = int(vc.window_size) // m // p
-            mh, mw = h // m, w // m
-            rows = [min(ws, mh - i) for i in range(0, mh, ws)]
-            cols = [min(ws, mw - j) for j in range(0, mw, ws)]
-            win_attn = t * sum(4 * (r * c * m * m) ** 2 * d for r in rows for c in cols)
-        else:
-            win_attn = full_attn
-        per_layer_linear = 2 * n * 4 * d * d + n * mlp_per_token  # qkv (3d²) + proj (d²) + MLP
-        attn = sum(full_attn if i in full_layers else win_attn for i in range(depth))
-        enc += 2 * n * channels * tp * p * p * d + depth * per_layer_linear + attn
-        proj += 2 * (n // (m * m)) * (hidden * hidden + hidden * out)
-    return float(enc), float(proj)
-
-
-def _internvl(cfg: Any, inputs: Mapping[str, Any]) -> tuple[float, float]:
-    vc = cfg.vision_config
-    if getattr(vc, "model_type", None) != "internvl_vision":
-        raise ValueError(
-            f"vlmprune.flops: internvl with a {getattr(vc, 'model_type', None)!r} vision tower is not supported"
-        )
-    pv = inputs.get("pixel_values")
-    if pv is None:
-        return 0.0, 0.0
-    if len(pv.shape) != 4:
-        raise ValueError(
-            f"vlmprune.flops: InternVL expects pixel_values (tiles, 3, H, W), got {tuple(pv.shape)}"
-        )
-    ph, pw = _pair(vc.patch_size)
-    tiles, n_patches = pv.shape[0], (pv.shape[-2] // ph) * (pv.shape[-1] // pw)
-    enc = _vit_flops(vc, n_patches, True, tiles)
-    strategy = _override(inputs, cfg, "vision_feature_select_strategy")
-    n_tokens = n_patches + (0 if strategy == "default" else 1)
-    scale = int(1 / cfg.downsample_ratio)
-    side = int(n_tokens**0.5)  # the HF model reshapes to a square grid
-    tokens_out = (side // scale) ** 2
-    d_in = int(vc.hidden_size) * scale * scale
-    d_text = int(cfg.text_config.hidden_size)
-    proj = tiles * 2 * tokens_out * (d_in * d_text + d_text * d_text)
-    return float(enc), float(proj)
-
-
-# ------------------------------------------------------------------------------------------------- API
+def mlp_projector_flops(tokens: int, d_in: int, d_out: int) -> int:
+    """A 2-layer MLP projector (d_in -> d_out -> d_out) over ``tokens`` tokens."""
+    return 2 * int(tokens) * (int(d_in) * int(d_out) + int(d_out) * int(d_out))
 
 
 def vision_flops(model_config: Any, inputs: Mapping[str, Any]) -> tuple[float, float]:
     """(encoder, projector) FLOPs for the visual inputs of one call, read from the tensors a processor
     returns, because that is what decides how many crops / frames / tiles / patches the tower really sees.
 
-    * LLaVA-1.5: ``pixel_values`` (B, 3, H, W).
-    * LLaVA-NeXT / OneVision: ``pixel_values`` (B, crops, 3, H, W) with ``image_sizes``: only the crops the HF
-      model keeps (base + anyres grid of the best pinpoint; OneVision: 1 crop per image when
-      ``batch_num_images`` says a sample has several) are counted; 4-D pixel values count every row.
-      OneVision ``pixel_values_videos`` (B, frames, 3, H, W): every frame.
-    * Qwen2-VL / 2.5-VL: ``image_grid_thw`` / ``video_grid_thw`` (prod(t, h, w) patches each, a Conv3d over
-      ``temporal_patch_size`` frames per patch) next to ``pixel_values`` / ``pixel_values_videos``.
-    * InternVL: ``pixel_values`` (tiles, 3, H, W).
-    ``vision_feature_layer`` / ``vision_feature_select_strategy`` in ``inputs`` override the config.
+    ``model_config``: a supported VLM or its config; the family's adapter reads the inputs it takes
+    (``Adapter.vision_flops``: e.g. AnyRes crops with ``image_sizes``, packed patches with their
+    ``*_grid_thw``, InternVL tiles). ``vision_feature_layer`` / ``vision_feature_select_strategy`` in
+    ``inputs`` override the config.
     """
-    cfg = _model_config(model_config)
-    if cfg.model_type in ("llava", "llava_next", "llava_onevision"):
-        return _llava_family(cfg, inputs)
-    if cfg.model_type in ("qwen2_vl", "qwen2_5_vl"):
-        return _qwen_family(cfg, inputs)
-    return _internvl(cfg, inputs)
+    cfg, family = _family(model_config)
+    return family.vision_flops(cfg, inputs)
 
 
 def llm_flops(
@@ -421,7 +298,7 @@ def estimate(
     whole batch. LLM prefill and decode are multiplied by ``batch_size``; the vision side already covers
     the batch through ``inputs``.
     """
-    cfg = _model_config(model_or_config)
+    cfg, _ = _family(model_or_config)
     tc = _text_config(cfg)
     layers = _text_dims(tc)[5]
     ns = _per_layer(llm_tokens, layers, "llm_tokens")
@@ -443,21 +320,10 @@ def estimate(
 def vit_flops_at_lengths(
     model_config: Any, rows: int, block_lengths: Sequence[tuple[int, int]], projector_tokens: int, num_blocks: int
 ) -> tuple[float, float]:
-    """(encoder, projector) FLOPs of a LLaVA-family CLIP / SigLIP tower whose blocks change the sequence
-    length (token merging), for ``rows`` images run as one padded batch. ``block_lengths[i]`` is the
-    (padded) length block ``i`` attended over and the length its MLP ran at; blocks beyond the list were
-    skipped. ``projector_tokens``: rows × length the projector received. Same convention as the rest:
-    projections and MLP linear in n, the two attention products 2·n²·d each, the patch convolution."""
-    cfg = _model_config(model_config)
-    vc = cfg.vision_config
-    d, inter = int(vc.hidden_size), int(vc.intermediate_size)
-    ph, pw = _pair(vc.patch_size)
-    side_h, side_w = _pair(vc.image_size)
-    n_patches = (side_h // ph) * (side_w // pw)
-    channels = int(getattr(vc, "num_channels", 3))
-    enc = 2 * n_patches * channels * ph * pw * d
-    for n_in, n_out in list(block_lengths)[:num_blocks]:
-        enc += 2 * n_in * 4 * d * d + 4 * n_in * n_in * d + 4 * n_out * d * inter
-    d_text = int(cfg.text_config.hidden_size)
-    proj = 2 * int(projector_tokens) * (d * d_text + d_text * d_text)
-    return float(rows * enc), float(proj)
+    """(encoder, projector) FLOPs of a vision tower whose blocks change the sequence length (token
+    merging), for ``rows`` images run as one padded batch. ``block_lengths[i]`` is the (padded) length
+    block ``i`` attended over and the length its MLP ran at; blocks beyond the list were skipped.
+    ``projector_tokens``: rows × length the projector received. The family's adapter applies the
+    convention (``Adapter.vision_flops_at_lengths``); towers without a block layout raise."""
+    cfg, family = _family(model_config)
+    return family.vision_flops_at_lengths(cfg, rows, block_lengths, projector_tokens, num_blocks)

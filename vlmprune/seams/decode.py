@@ -1,4 +1,4 @@
-"""Speculative decoding loop (FLASH, ``shared/methods/flash.md`` §5-7), model-agnostic.
+"""Speculative decoding loop (FLASH's draft-and-verify rounds), model-agnostic.
 
 One round: the drafter proposes ``depth`` tokens after the last emitted token ``b``; the target
 runs once over ``[b, d_1..d_D]`` on its KV cache; verification keeps the longest agreeing prefix
@@ -73,7 +73,7 @@ def verify_greedy(target_logits: Tensor, draft_tokens: Tensor) -> tuple[int, int
 def verify_siblings(
     p: Tensor, q: Tensor, candidates: list[int], generator: torch.Generator | None
 ) -> tuple[int, int]:
-    """Multi-candidate speculative sampling at one depth (spec §6).
+    """Multi-candidate speculative sampling at one depth.
 
     ``candidates`` were drawn one after the other from ``q`` *without replacement* (each from q
     with the earlier ones zeroed and renormalised). Walk them: accept ``x`` with probability
@@ -401,14 +401,12 @@ def speculative_generate(
 def _tree_inputs(adapter: Any, anc: Tensor, depths: Tensor, past: int, device: torch.device,
                  dtype: torch.dtype) -> dict[str, Tensor]:
     """A custom 4-D additive mask (every node sees the cache and its ancestors) and positions
-    ``past + depth`` (3-axis M-RoPE positions shifted by the prefill's ``rope_deltas`` for Qwen2-VL)."""
+    ``past + depth``, in the form the model takes for tokens after its prefill (the adapter's
+    ``continuation_positions``: e.g. shifted multi-axis RoPE positions)."""
     n = anc.shape[0]
     allowed = torch.cat([torch.ones(n, past, dtype=torch.bool), anc], dim=1).to(device)
     mask = torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill(~allowed, torch.finfo(dtype).min)
-    pos = (past + depths).to(device).unsqueeze(0)
-    deltas = getattr(adapter.inner, "rope_deltas", None)
-    if deltas is not None:
-        pos = pos.unsqueeze(0).expand(3, 1, n) + deltas.to(device).view(1, -1, 1)
+    pos = adapter.continuation_positions((past + depths).to(device).unsqueeze(0))
     return {"attention_mask": mask[None, None], "position_ids": pos}
 
 

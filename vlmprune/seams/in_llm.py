@@ -16,8 +16,9 @@ Hooks on this instance only:
   samples still holding visual tokens exit now.
 
 Rows are physically dropped as soon as every sample in the batch has exited, and never re-added;
-the remaining tokens keep their positions (1-D rope and Qwen2-VL's M-RoPE alike), so the first
-generated token sits where it would in the stock model.
+the remaining tokens keep their positions (1-D and multi-axis RoPE alike: the adapter says which
+rows of the position ids the rotary embedding uses), so the first generated token sits where it
+would in the stock model.
 """
 
 from __future__ import annotations
@@ -155,8 +156,8 @@ class InLLMSeam:
         pos = kwargs.get("position_ids")
         if not isinstance(pos, Tensor):
             pos = torch.arange(n, device=embeds.device).unsqueeze(0).expand(bsz, n)
-        elif pos.dim() == 3 and pos.shape[0] == 4:  # Qwen2-VL: text positions first, then the 3 rope axes
-            pos = pos[1:]
+        else:
+            pos = self.adapter.rope_positions(pos)
         if pos.shape[-2] != bsz:
             pos = pos.expand(*pos.shape[:-2], bsz, n)
         kwargs = dict(kwargs)

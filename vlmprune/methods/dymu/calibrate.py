@@ -1,16 +1,25 @@
 """``vlmprune calibrate dymu``: find DyMU's per-block merge thresholds for a target token count.
 
-The reference procedure (spec §3): with a fixed merge schedule r_i summing to ``N − target``, every block
-merges the batch-wide best ``B · r_i`` edges (redundant images give more), and the block's threshold is
-the running mean, over batches, of the score of the best edge left unmerged (clamped to >= 0).
+The reference procedure (the paper's calibration): with a fixed merge schedule r_i summing to ``N − target``,
+every block merges the batch-wide best ``B · r_i`` edges (redundant images give more), and the block's
+threshold is the running mean, over batches, of the score of the best edge left unmerged (clamped to >= 0).
 
-Per-image thresholds do not reproduce the batch-level counts exactly (the spec notes the reference's
-inference counts exceed its targets), so by default vlmprune then measures the mean kept count in
+Per-image thresholds do not reproduce the batch-level counts exactly (the reference code's inference
+counts exceed its targets), so by default vlmprune then measures the mean kept count in
 threshold mode on the calibration images and, if it misses the target by more than ``tolerance``,
 re-runs the same procedure with a corrected ``r_total`` (integer bisection, at most ``max_rounds``
 rounds). The file records the ``r_total`` finally used, the target, and the mean it achieved.
 
 Only the vision tower runs (up to the feature block), so calibration is cheap.
+
+Inputs are each family's own processor output: ``pixel_values`` plus whatever else the processor returns
+for them (the grids of packed patches, the ``image_sizes`` of AnyRes crops, ...), passed as keyword
+arguments. The adapter splits them into images the way the model encodes them
+(:meth:`~vlmprune.adapters.Adapter.split_images`). An AnyRes image (5-D ``pixel_values`` of shape
+(images, crops, 3, H, W) with ``image_sizes``, as the LLaVA-NeXT / OneVision processors return them)
+contributes every real crop the model would encode, padding crops dropped, each crop calibrated as an
+image of its own (not the base view only), because at inference every crop merges on its own with these
+thresholds; ``target_tokens`` is then the mean tokens per crop.
 """
 
 from __future__ import annotations
@@ -19,7 +28,8 @@ import argparse
 import json
 import math
 import sys
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -27,9 +37,10 @@ import torch
 from torch import Tensor
 
 from vlmprune.hooks import HookSet
+from vlmprune.seams.encoder import EmittedLayout
 
 from . import merge as tm
-from .method import EncoderRun, Merger, threshold_rule
+from .method import POST_MERGE_ROUNDS, EncoderRun, Merger, encoder_layout, post_merge, threshold_rule
 from .thresholds import preset_dir, save_thresholds
 
 #: target kept patch tokens of the built-in model's presets (256 patches; by analogy with the paper's
@@ -52,56 +63,57 @@ class _Slot:
         return self.run
 
 
+@dataclass
+class _Batch:
+    """Processor outputs of ``images`` consecutive calibration images, joined for one encoder call."""
+
+    images: int
+    inputs: dict[str, Any]
+
+
 def _layout(model: Any) -> tuple[Any, Any]:
     from vlmprune.adapters import for_model
 
     adapter = for_model(model)
-    return adapter, adapter.merge_layout()
+    return adapter, encoder_layout(adapter)
 
 
 def _is_post(layout: Any) -> bool:
-    from vlmprune.adapters.base import PostMergeLayout
-
-    return isinstance(layout, PostMergeLayout)
+    return isinstance(layout, EmittedLayout)
 
 
 def _merging(layout: Any) -> int:
     """Blocks (or post-merge rounds) that merge."""
-    return layout.rounds if _is_post(layout) else layout.feature_block + 1
+    return POST_MERGE_ROUNDS if _is_post(layout) else layout.feature_block + 1
 
 
 def _protected(layout: Any) -> int:
     return 0 if _is_post(layout) else int(layout.has_cls)
 
 
-def patch_count(model: Any, image_grid_thw: Tensor | None = None) -> int:
-    """Tokens per image before merging (Qwen2-VL: the mean over the calibration images' grids)."""
+def patch_count(model: Any, pixel_values: Tensor | None = None, **processor_outputs: Any) -> int:
+    """Tokens per image (crop, tile) before merging: the encoder's fixed count, or, where it varies per
+    image (packed patches of any size), the mean over the given images' processor outputs."""
     _, layout = _layout(model)
-    if _is_post(layout) and layout.tokens is not None:  # fixed tokens per group (InternVL tiles)
+    if layout.tokens is not None:
         return int(layout.tokens)
-    if _is_post(layout):
-        if image_grid_thw is None:
-            raise ValueError("vlmprune: Qwen2-VL calibration needs image_grid_thw with the pixel values")
-        m = layout.merge_size
-        sizes = (image_grid_thw.prod(-1) // (m * m)).tolist()
-        return int(round(sum(sizes) / len(sizes)))
-    vc = model.config.vision_config
-    return (int(vc.image_size) // int(vc.patch_size)) ** 2
+    sizes = layout.group_sizes({"pixel_values": pixel_values, **processor_outputs})
+    return int(round(sum(sizes) / len(sizes)))
 
 
-def min_reachable(model: Any, image_grid_thw: Tensor | None = None) -> int:
+def min_reachable(model: Any, pixel_values: Tensor | None = None, **processor_outputs: Any) -> int:
     """Fewest tokens the merging blocks / rounds can reach: each at most halves the sequence."""
     _, layout = _layout(model)
     cls = _protected(layout)
-    n = patch_count(model, image_grid_thw) + cls
+    n = patch_count(model, pixel_values, **processor_outputs) + cls
     for _ in range(_merging(layout)):
         n = n - (n - cls) // 2
     return n - cls
 
 
-def check_target(model: Any, target: int, image_grid_thw: Tensor | None = None) -> None:
-    n = patch_count(model, image_grid_thw)
-    low = min_reachable(model, image_grid_thw)
+def check_target(model: Any, target: int, pixel_values: Tensor | None = None, **processor_outputs: Any) -> None:
+    n = patch_count(model, pixel_values, **processor_outputs)
+    low = min_reachable(model, pixel_values, **processor_outputs)
     if isinstance(target, bool) or not isinstance(target, int) or not low <= target < n:
         raise ValueError(
             f"target tokens must be an integer in [{low}, {n - 1}] for this model ({n} tokens per image; "
@@ -109,47 +121,49 @@ def check_target(model: Any, target: int, image_grid_thw: Tensor | None = None) 
         )
 
 
-def _batches(pixel_values: Tensor, batch_size: int, image_grid_thw: Tensor | None = None) -> list[Any]:
-    """Batches of images: tensors (n, 3, H, W), or (patches, grid) pairs for Qwen2-VL's packed pixels."""
-    if image_grid_thw is None:
-        return [pixel_values[i : i + batch_size] for i in range(0, pixel_values.shape[0], batch_size)]
-    ends = image_grid_thw.prod(-1).cumsum(0).tolist()
-    out = []
-    for i in range(0, len(ends), batch_size):
-        lo = ends[i - 1] if i else 0
-        hi = ends[min(i + batch_size, len(ends)) - 1]
-        out.append((pixel_values[lo:hi], image_grid_thw[i : i + batch_size]))
-    return out
+def _batches(model: Any, pixel_values: Tensor, batch_size: int, **processor_outputs: Any) -> list[_Batch]:
+    """Batches of ``batch_size`` images, each image as the adapter splits the processor's outputs."""
+    adapter, _ = _layout(model)
+    images = adapter.split_images(pixel_values, **processor_outputs)
+    return [_Batch(len(images[i : i + batch_size]), adapter.join_images(images[i : i + batch_size]))
+            for i in range(0, len(images), batch_size)]
 
 
-def _runs(model: Any, batches: list[Any], rule: Any) -> Iterable[tuple[int, EncoderRun]]:
+def _as_batch(batch: Any) -> _Batch:
+    """A batch from :func:`_batches`, a dict of processor outputs, or a (n, 3, H, W) tensor of images."""
+    if isinstance(batch, _Batch):
+        return batch
+    inputs = dict(batch) if isinstance(batch, Mapping) else {"pixel_values": batch}
+    return _Batch(int(inputs["pixel_values"].shape[0]), inputs)
+
+
+def _on(param: Tensor, inputs: dict[str, Any]) -> dict[str, Any]:
+    """``inputs`` on the model's device; floating-point tensors (pixels) in its dtype too."""
+    return {
+        k: (v.to(param.device, param.dtype) if v.is_floating_point() else v.to(param.device))
+        if isinstance(v, Tensor) else v
+        for k, v in inputs.items()
+    }
+
+
+def _runs(model: Any, batches: Iterable[Any], rule: Any) -> Iterable[tuple[int, EncoderRun]]:
     """(images, run) per batch, with ``rule`` deciding every block's / round's merges."""
     adapter, layout = _layout(model)
     param = next(model.parameters())
-    if _is_post(layout) and layout.features is not None:  # fixed-size groups (InternVL tiles)
-        from .method import post_merge
-
-        for pv in batches:
-            feats = layout.features(pv.to(param.device, param.dtype))
-            sizes = [int(feats.shape[1])] * int(feats.shape[0])
-            yield len(sizes), post_merge(feats.reshape(-1, feats.shape[-1]), sizes, layout.rounds, rule)[1]
-        return
     if _is_post(layout):
-        from .method import post_merge
-
-        m = layout.merge_size
-        for pv, grid in batches:
-            feats = adapter.vision_tower(pv.to(param.device, param.dtype), grid_thw=grid.to(param.device)).pooler_output
-            sizes = (grid.prod(-1) // (m * m)).tolist()
-            yield len(sizes), post_merge(feats, sizes, layout.rounds, rule)[1]
+        for batch in map(_as_batch, batches):
+            inputs = _on(param, batch.inputs)
+            feats = layout.features(inputs)
+            sizes = [int(k) for k in layout.group_sizes(inputs)]
+            yield batch.images, post_merge(feats.reshape(-1, feats.shape[-1]), sizes, POST_MERGE_ROUNDS, rule)[1]
         return
     slot = _Slot()
     hooks = HookSet()
     try:
         Merger(layout, rule, slot.current, slot.start).install(hooks)
-        for pv in batches:
-            adapter.vision_tower(pv.to(param.device, param.dtype))
-            yield pv.shape[0], slot.run
+        for batch in map(_as_batch, batches):
+            adapter.encode_images(**_on(param, batch.inputs))
+            yield batch.images, slot.run
     finally:
         hooks.remove()
 
@@ -158,7 +172,7 @@ def _runs(model: Any, batches: list[Any], rule: Any) -> Iterable[tuple[int, Enco
 def _batch_pass(model: Any, batches: list[Any], r: list[int], progress: Any = None) -> list[float]:
     """One reference calibration pass: fixed batch-wide merges, running-mean thresholds per block."""
     _, layout = _layout(model)
-    count = layout.rounds if _is_post(layout) else len(layout.blocks)
+    count = POST_MERGE_ROUNDS if _is_post(layout) else len(layout.blocks)
     protect = bool(_protected(layout))
     tau = [math.inf] * count
     seen = [0] * count
@@ -182,8 +196,9 @@ def _batch_pass(model: Any, batches: list[Any], r: list[int], progress: Any = No
 
 @torch.no_grad()
 def kept_tokens(model: Any, batches: list[Any], thresholds: Sequence[float]) -> tuple[list[int], list[list[float]]]:
-    """Threshold mode: tokens each image keeps (patch tokens at the feature block, [CLS] not counted),
-    and the mean tokens per block / round."""
+    """Threshold mode: tokens each image (crop, tile) keeps (patch tokens at the feature block, [CLS] not
+    counted), and the mean tokens per block / round. ``batches``: (n, 3, H, W) image tensors or dicts of
+    processor outputs (one encoder call each)."""
     _, layout = _layout(model)
     cls = _protected(layout)
     rule = threshold_rule(list(thresholds), bool(cls))
@@ -207,17 +222,18 @@ def calibrate(
     tolerance: float = 0.02,
     max_rounds: int = 8,
     progress: bool = False,
-    image_grid_thw: Tensor | None = None,
+    **processor_outputs: Any,
 ) -> dict[str, Any]:
     """Per-block thresholds so that images keep ``target_tokens`` patch tokens on average (see module doc).
-    ``pixel_values``: (n, 3, H, W) processed calibration images (Qwen2-VL: the processor's packed patches
-    with ``image_grid_thw``). Returns the thresholds file's content."""
-    check_target(model, target_tokens, image_grid_thw)
+    ``pixel_values`` and ``processor_outputs``: the processor's outputs for the calibration images, as the
+    model takes them (e.g. the grids that come with packed patches, ``image_sizes=...`` with 5-D AnyRes
+    crops); ``batch_size`` images per encoder call. Returns the thresholds file's content (:func:`write`)."""
+    check_target(model, target_tokens, pixel_values, **processor_outputs)
     _, layout = _layout(model)
-    n_patches = patch_count(model, image_grid_thw)
+    n_patches = patch_count(model, pixel_values, **processor_outputs)
     merging = _merging(layout)
-    batches = _batches(pixel_values, batch_size, image_grid_thw)
-    n_images = pixel_values.shape[0] if image_grid_thw is None else image_grid_thw.shape[0]
+    batches = _batches(model, pixel_values, batch_size, **processor_outputs)
+    n_images = sum(batch.images for batch in batches)
     bar = None
     if progress:
         from tqdm.auto import tqdm
@@ -292,9 +308,10 @@ def _image_paths(source: str) -> list[Path]:
     raise ValueError(f"--data must be 'builtin', a directory of images or a JSON list of image files; got {source!r}")
 
 
-def load_images(source: str, processor: Any, limit: int) -> tuple[Tensor, Tensor | None]:
-    """Processed pixel values of the calibration images (``builtin``: the built-in train split), and
-    ``image_grid_thw`` for processors that pack patches (Qwen2-VL), else None."""
+def load_images(source: str, processor: Any, limit: int) -> tuple[Tensor, dict[str, Any] | None]:
+    """Processed pixel values of the calibration images (``builtin``: the built-in train split), and the
+    processor's other outputs for them (e.g. patch grids, ``image_sizes``; keyword arguments of
+    :func:`calibrate`), or None when it returns pixel values only."""
     if source == "builtin":
         from vlmprune.artifacts import builtin_benchmark
 
@@ -310,7 +327,8 @@ def load_images(source: str, processor: Any, limit: int) -> tuple[Tensor, Tensor
         images = [Image.open(f).convert("RGB") for f in paths]
     image_processor = getattr(processor, "image_processor", processor)
     out = image_processor(images=list(images), return_tensors="pt")
-    return out["pixel_values"], out.get("image_grid_thw")
+    extras = {k: v for k, v in out.items() if k != "pixel_values"}
+    return out["pixel_values"], extras or None
 
 
 def load_model(name: str) -> tuple[Any, Any]:
@@ -330,11 +348,11 @@ def make_presets(output_dir: str | Path | None = None, images: int = 256, batch_
     """Calibrate the built-in model's low / mid / high presets on the built-in train images."""
     torch.manual_seed(0)
     model, processor = load_model("builtin")
-    pv, _ = load_images("builtin", processor, images)
+    pv, extras = load_images("builtin", processor, images)
     out = Path(output_dir) if output_dir is not None else preset_dir()
     written = []
     for name, target in PRESET_TARGETS.items():
-        result = calibrate(model, pv, target, batch_size=batch_size, progress=True)
+        result = calibrate(model, pv, target, batch_size=batch_size, progress=True, **(extras or {}))
         written.append(write(out / f"{name}.json", model, {**result, "preset": name, "model": "builtin"}))
         print(f"{name}: target {target}, mean kept {result['calib_mean_tokens']:.1f} -> {written[-1]}")
     return written
@@ -363,15 +381,16 @@ def main(argv: list[str] | None = None, prog: str = "vlmprune calibrate") -> int
         parser.error("--target-tokens and --output are required (or --presets)")
     model, processor = load_model(args.model)
     try:
-        if not _is_post(_layout(model)[1]):  # (also a clear error for an unsupported model)
+        if _layout(model)[1].tokens is not None:  # (also a clear error for an unsupported model)
             check_target(model, args.target_tokens)  # before loading images, when the count is fixed
-        pv, grid = load_images(args.data, processor, args.images)
-        check_target(model, args.target_tokens, grid)
+        pv, extras = load_images(args.data, processor, args.images)
+        extras = extras or {}
+        check_target(model, args.target_tokens, pv, **extras)
     except ValueError as exc:
         print(f"{prog}: {exc}", file=sys.stderr)
         return 2
     result = calibrate(model, pv, args.target_tokens, batch_size=args.batch_size, schedule=args.schedule,
-                       match_target=not args.no_match, progress=True, image_grid_thw=grid)
+                       match_target=not args.no_match, progress=True, **extras)
     path = write(args.output, model, {**result, "model": args.model})
     print(f"mean kept tokens {result['calib_mean_tokens']:.1f} (target {args.target_tokens}) -> {path}")
     return 0

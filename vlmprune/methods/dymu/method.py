@@ -13,9 +13,15 @@
   attention layer attends as if each merged token sat at all its original positions; with
   ``vtu=False`` the merged tokens go in with consecutive positions (plain ToMe into the LLM).
 
+Where DToMe runs comes from the adapter's encoder layout (:mod:`vlmprune.seams.encoder`): inside the
+blocks of an :class:`~vlmprune.seams.encoder.EncoderLayout` tower, or, for a tower whose patch merger /
+pixel shuffle needs whole groups of patches (:class:`~vlmprune.seams.encoder.EmittedLayout`), in
+``POST_MERGE_ROUNDS`` bipartite rounds on the tokens it emits, per image / tile (merging inside such a
+tower would break its groups).
+
 Thresholds come from ``vlmprune calibrate dymu`` (:mod:`vlmprune.methods.dymu.calibrate`) as a JSON file, or a
 shipped preset (``low`` / ``mid`` / ``high``) for the built-in model. This module knows no model
-class: the adapter says where the blocks, projector and attention modules are.
+class: the adapter says where the blocks, projector and attention modules are and how positions work.
 """
 
 from __future__ import annotations
@@ -31,6 +37,7 @@ from torch import Tensor
 from vlmprune import context
 from vlmprune.method import Method, Stage
 from vlmprune.registry import register_method
+from vlmprune.seams.encoder import EmittedLayout, EncoderLayout, EncoderLayoutError
 from vlmprune.seams.scope import ensure_cache
 from vlmprune.sequence import decode_positions, default_positions, gather_columns, layer_mask, prune_sequence
 from vlmprune.stats import ForwardRecord
@@ -43,6 +50,29 @@ from .thresholds import load_thresholds, preset_dir
 _RUNS = "dymu.runs"
 _VTU = "dymu.vtu"
 _PROJ = "dymu.projected"
+
+#: bipartite merge rounds on the tokens an :class:`EmittedLayout` tower emits (one threshold each)
+POST_MERGE_ROUNDS = 3
+
+
+def supported_models() -> list[str]:
+    """Model classes whose adapter describes the vision encoder (the ones DyMU can merge in)."""
+    from vlmprune.adapters import ADAPTERS, Adapter
+
+    return [name for cls in ADAPTERS if cls.encoder_layout is not Adapter.encoder_layout for name in cls.model_classes]
+
+
+def encoder_layout(adapter: Any) -> EncoderLayout | EmittedLayout:
+    """Where DyMU merges in this model, from its adapter; a model without an encoder layout gets an
+    error naming the supported model classes."""
+    try:
+        return adapter.encoder_layout()
+    except EncoderLayoutError as exc:
+        name = adapter.family or type(adapter).__name__
+        raise ValueError(
+            f"vlmprune: DyMU token merging is not supported for {name} models ({exc}); DyMU merges the images of "
+            f"models whose vision encoder vlmprune describes: {', '.join(supported_models())}"
+        ) from exc
 
 
 # -- the encoder half --------------------------------------------------------------------------
@@ -140,8 +170,8 @@ def threshold_rule(thresholds: list[float], has_cls: bool) -> Any:
 
 
 def post_merge(feats: Tensor, sizes: list[int], rounds: int, rule: Any) -> tuple[Tensor, EncoderRun]:
-    """DToMe on the tokens a vision tower emits (Qwen2-VL, spec option 1; InternVL after the
-    pixel shuffle), images / tiles packed along dim 0:
+    """DToMe on the tokens a vision tower emits (an :class:`EmittedLayout`: after a patch merger or
+    a pixel shuffle), images / tiles packed along dim 0:
     ``rounds`` bipartite rounds per image on the features' cosine, size-weighted averages, canonical
     order; then every original slot gets its merged token's feature, so the stock layout is unchanged.
     Returns the expanded features and the run (membership rows for the decoder's collapse)."""
@@ -228,7 +258,7 @@ class DyMU(Method):
 
     def __init__(self, config: DyMUConfig, adapter: Any) -> None:
         super().__init__(config, adapter)
-        self.layout = adapter.merge_layout()
+        self.layout = encoder_layout(adapter)
         source = config.thresholds
         if config.preset is not None:
             source = preset_dir() / f"{config.preset}.json"
@@ -237,10 +267,8 @@ class DyMU(Method):
                     f"DyMU preset {config.preset!r} is not shipped at {source}; regenerate the presets with "
                     "`python -m vlmprune.methods.dymu.calibrate --presets`"
                 )
-        from vlmprune.adapters.base import PostMergeLayout
-
-        self.post = isinstance(self.layout, PostMergeLayout)
-        count = self.layout.rounds if self.post else len(self.layout.blocks)
+        self.post = isinstance(self.layout, EmittedLayout)
+        count = POST_MERGE_ROUNDS if self.post else len(self.layout.blocks)
         self.thresholds, self.info = load_thresholds(source, adapter.config.vision_config, count)
         self.kernel = config.vtu or "off"
         self._decode: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -274,7 +302,7 @@ class DyMU(Method):
                 )
         install_scope(self.adapter, hooks, self.handle)
         if self.post:
-            hooks.forward(self.layout.module or self.adapter.vision_tower, self._on_tower)
+            hooks.forward(self.layout.module, self._on_tower)
         else:
             rule = threshold_rule(self.thresholds, self.layout.has_cls)
             Merger(self.layout, rule, self._current_run, self._start_run).install(hooks)
@@ -310,26 +338,21 @@ class DyMU(Method):
         return runs[-1] if runs else None
 
     def _on_tower(self, module: Any, args: tuple, output: Any) -> Any:
-        """Post-merge families: merge the emitted tokens per image / tile, hand back the stock layout.
-        The tokens are the vision tower's ``pooler_output`` packed along dim 0 (Qwen2-VL), or the
-        (groups, tokens, dim) output of ``layout.module`` (InternVL's projector)."""
+        """Emitted-token towers: merge the emitted tokens per image / tile, hand back the stock layout.
+        The tokens are the ``layout.module`` output: a tensor, or a model output whose ``pooler_output``
+        holds them packed along dim 0."""
         ctx = self._ctx()
         if ctx is None:
             return None
-        if self.layout.group_sizes is not None:
-            sizes = [int(k) for k in self.layout.group_sizes(ctx.inputs)]
-        else:
-            if ctx.inputs.get("pixel_values_videos") is not None:
-                raise ValueError("vlmprune: dymu on Qwen2-VL merges image tokens only; this call has videos")
-            grid = ctx.inputs.get("image_grid_thw")
-            m = self.layout.merge_size
-            sizes = [int(t * h * w) // (m * m) for t, h, w in grid.tolist()]
+        if ctx.inputs.get("pixel_values_videos") is not None:
+            raise ValueError("vlmprune: dymu merges image tokens only; this call has videos")
+        sizes = [int(k) for k in self.layout.group_sizes(ctx.inputs)]
         feats = output if isinstance(output, Tensor) else output.pooler_output
         shape = feats.shape
         feats = feats.reshape(-1, shape[-1])
         if sum(sizes) != feats.shape[0]:
             raise ValueError(f"vlmprune: dymu expected {sum(sizes)} image tokens from the vision tower, got {feats.shape[0]}")
-        new, run = post_merge(feats, sizes, self.layout.rounds, threshold_rule(self.thresholds, False))
+        new, run = post_merge(feats, sizes, POST_MERGE_ROUNDS, threshold_rule(self.thresholds, False))
         ctx.capture(_RUNS, run)
         if isinstance(output, Tensor):
             return new.reshape(shape)
@@ -430,7 +453,7 @@ class DyMU(Method):
                     inverse[b, c[c >= 0]] = torch.nonzero(c >= 0).squeeze(1)
                 g = torch.gather(inverse, 1, rep)
                 valid = real & (g >= 0)
-                rope_pos = pos[1:] if pos.dim() == 3 and pos.shape[0] == 4 else pos  # Qwen2-VL: text axis first
+                rope_pos = self.adapter.rope_positions(pos)
                 ctx.captured[_VTU] = [VTUState(g.clamp(min=0), valid, rope_pos, seq_len, self.kernel)]
                 kv_len = real.sum(1).tolist()
             else:
@@ -501,7 +524,7 @@ class DyMU(Method):
         if self.kernel != "off" and ctx.captured.get(_VTU):
             tc = self.adapter.text_config
             heads, layers = int(tc.num_attention_heads), int(tc.num_hidden_layers)
-            hd = int(getattr(tc, "head_dim", None) or tc.hidden_size // heads)
+            hd = int(type(self.adapter).text_head_dim(tc))
             n_full = int(ctx.captured[_VTU][0].g.shape[1])
             extra = n_full * n_full - seq_len * seq_len  # attention runs at N x N, the LLM count assumes N' x N'
             overhead += len(llm_tokens) * layers * 4.0 * heads * hd * extra

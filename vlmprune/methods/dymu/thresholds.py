@@ -14,6 +14,14 @@ from .config import ThresholdsError, _as_threshold
 
 FORMAT = "vlmprune-dymu-thresholds/1"
 
+#: how to make thresholds for a model, named in every thresholds error (the CLI and the Python call)
+HOW_TO_CALIBRATE = (
+    "calibrate thresholds for this model with `vlmprune calibrate dymu --model <model dir> --target-tokens N "
+    "--output thresholds.json` or, in Python, `result = vlmprune.methods.dymu.calibrate.calibrate(model, "
+    "pixel_values, target_tokens=N, **other_processor_outputs)` then "
+    "`vlmprune.methods.dymu.calibrate.write('thresholds.json', model, result)`"
+)
+
 
 def preset_dir() -> Path:
     """Where the built-in model's presets live (its shipped ``dymu/`` folder)."""
@@ -28,7 +36,7 @@ def fingerprint(vision_config: Any) -> dict[str, Any]:
 
 
 def save_thresholds(path: str | Path, thresholds: list[float], vision_config: Any, **info: Any) -> Path:
-    """Write the spec's storage format plus the model fingerprint (inf is written as null)."""
+    """Write the thresholds file: per-block thresholds, calibration info and the model fingerprint (inf as null)."""
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
     data = {
@@ -52,20 +60,22 @@ def load_thresholds(source: Any, vision_config: Any, count: int | None = None) -
     else:
         p = Path(source)
         if not p.is_file():
-            raise ThresholdsError(f"no DyMU thresholds file at {str(source)!r}; make one with `vlmprune calibrate dymu`")
+            raise ThresholdsError(f"no DyMU thresholds file at {str(source)!r}; {HOW_TO_CALIBRATE}")
         try:
             info = json.loads(p.read_text())
             values = [_as_threshold(t) for t in info["thresholds"]]
         except (json.JSONDecodeError, KeyError, TypeError) as exc:
-            raise ThresholdsError(f"{p} is not a DyMU thresholds file ({exc})") from exc
+            raise ThresholdsError(f"{p} is not a DyMU thresholds file ({exc}); {HOW_TO_CALIBRATE}") from exc
         want = fingerprint(vision_config)
         have = info.get("fingerprint")
         diff = {k: (v, want.get(k)) for k, v in (have or {}).items() if v != want.get(k)}
         if diff:
             raise ThresholdsError(
                 f"the DyMU thresholds in {p} were calibrated for another vision tower "
-                f"(file vs this model: {diff}); calibrate for this model with `vlmprune calibrate dymu`"
+                f"(file vs this model: {diff}); {HOW_TO_CALIBRATE}"
             )
     if len(values) != layers:
-        raise ThresholdsError(f"{len(values)} DyMU thresholds given, but this model merges in {layers} blocks / rounds")
+        raise ThresholdsError(
+            f"{len(values)} DyMU thresholds given, but this model merges in {layers} blocks / rounds; {HOW_TO_CALIBRATE}"
+        )
     return values, info

@@ -3,26 +3,24 @@
 
 Three modes, one config:
 
-* ``mode="pooling"`` (training-free SlowFast-LLaVA, spec §7): each video's tokens become a slow
+* ``mode="pooling"`` (training-free SlowFast-LLaVA): each video's tokens become a slow
   block (``slow_frames`` frames, pooled by ``slow_stride``) followed by a fast block (every frame,
   pooled by ``fast_stride``), in place of the video tokens. Images pass through unchanged.
-* ``mode="fast"``: only the fast tokens of the trained method (spec §3: strides ``s, t, p``)
+* ``mode="fast"``: only the fast tokens of the trained method (the paper's strides ``s, t, p``)
   replace the video tokens; the "fast-only" model the hybrid starts from.
-* ``mode="hybrid"`` (spec §5): the fast tokens replace the video tokens, and the chosen decoder
-  layers add a gated cross-attention from the text to the slow tokens (every frame, unpooled but
+* ``mode="hybrid"`` (the paper's hybrid architecture): the fast tokens replace the video tokens,
+  and the chosen decoder layers add a gated cross-attention from the text to the slow tokens (every frame, unpooled but
   for ``video_pooling_stride``), which never enter the sequence or the KV cache. With a fresh
   (untrained) adapter the warm-up gate is 0 and the model equals ``mode="fast"`` bit for bit.
 
-Where the frames are: video frames the adapter reports (LLaVA-OneVision ``pixel_values_videos``,
-Qwen2-VL ``pixel_values_videos``), or, with ``mosaic=m``, images that tile ``m x m`` frames
-row-major (the built-in benchmark's layout: ``mosaic=2``, 8 frames as two 224 px images). All the
-frames of one sample form one video. The method only reads ``VisualGroup.kind`` and the grids; it
-knows no model class.
+Where the frames are: the video frames the adapter reports (``VisualGroup.kind`` "frame" / "video"),
+or, with ``mosaic=m``, images that tile ``m x m`` frames row-major (the built-in benchmark's layout: ``mosaic=2``, 8 frames as two 224 px images). All the
+frames of one sample form one video. The method only reads ``VisualGroup.kind`` and the grids, and
+asks the adapter how the pooled tokens are numbered; it knows no model class.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import weakref
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -31,6 +29,7 @@ import torch
 from torch import Tensor
 
 from vlmprune import context
+from vlmprune.adapters.base import PooledVideo
 from vlmprune.method import Method
 from vlmprune.registry import register_method
 from vlmprune.seams.pre_llm import PreLLMSeam
@@ -220,7 +219,7 @@ class SlowFastSeam(PreLLMSeam):
                 fa = fast_pathway(feats, opts["s"], opts["t"], opts["p"], opts["min_fast_frames"])
                 blocks = [tuple(fa.shape[:3])]
                 tokens = fa.flatten(0, 2)
-                slow[v.sample] = feats.flatten(0, 2)  # [T * n_f, D], frame-major (spec §2)
+                slow[v.sample] = feats.flatten(0, 2)  # [T * n_f, D], frame-major
             video_cols = cols.reshape(-1).sort().values
             k = tokens.shape[0]
             if k > video_cols.numel():
@@ -347,43 +346,16 @@ class SlowFastSeam(PreLLMSeam):
             rec.overhead_flops += cross + gate
 
     def _adjust(self, ctx: Any, pruned: Any, visual: Tensor) -> Any:
-        """M-RoPE (Qwen2-VL / 2.5-VL): give the pooled tokens the positions ``get_rope_index`` gives a
-        video of the pooled grid: from the video's start, t' x the video's own time step (read off the
-        original positions), h' and w' on their axes, and the text after the video advanced by
-        max(h', w') instead of max(h, w); each pooled block (SF-LLaVA's slow, then fast) is numbered
-        as one such grid after the other."""
-        pos = pruned.position_ids
+        """Number the pooled tokens as the model numbers a video of the pooled grid, each pooled block
+        (SF-LLaVA's slow, then fast) one such grid after the other; the adapter knows how its positions
+        work (a token per position for 1-D RoPE: nothing to change)."""
         original = ctx.captured.get(_POS, [None])[-1]
         layout = ctx.captured.get(_LAYOUT, [[]])[-1]
-        if pos.dim() != 3 or not layout or not isinstance(original, Tensor):
+        if not layout or not isinstance(original, Tensor):
             return pruned
-        if original.dim() == 3 and original.shape[0] == 4:
-            original = original[1:]
-        pos = pos.clone()
-        cols = pruned.columns
-        real = cols >= 0
-        if pruned.attention_mask is not None:
-            real &= pruned.attention_mask.bool()
-        for sample, anchors, blocks, frame_starts, grid in layout:
-            row = cols[sample]
-            where = torch.full((int(row.max()) + 1,), -1, dtype=torch.long, device=row.device)
-            where[row[row >= 0]] = torch.nonzero(row >= 0).squeeze(1)
-            new_cols = where[anchors.to(row.device)]
-            old = original[:, min(sample, original.shape[1] - 1)]
-            start = int(old[1:, anchors[0]].min())
-            step = int(old[0, frame_starts[1]] - old[0, frame_starts[0]]) if frame_starts.numel() > 1 else 1
-            ids, current = [], start
-            for f, h, w in blocks:
-                tt, hh, ww = torch.meshgrid(torch.arange(f) * step, torch.arange(h), torch.arange(w), indexing="ij")
-                ids.append(torch.stack([tt.reshape(-1), hh.reshape(-1), ww.reshape(-1)]) + current)
-                current += max(h, w)
-            pos[:, sample, new_cols] = torch.cat(ids, dim=1).to(pos)
-            after = (torch.arange(row.numel(), device=row.device) > new_cols[-1]) & real[sample]
-            pos[:, sample, after] += current - (start + max(grid))
-        masked = pos.masked_fill(~real.unsqueeze(0), torch.iinfo(pos.dtype).min)
-        nxt = masked.amax(dim=(0, 2)) + 1
-        nxt = torch.where(real.any(dim=1), nxt, torch.zeros_like(nxt))
-        return dataclasses.replace(pruned, position_ids=pos, next_position=nxt)
+        videos = [PooledVideo(sample, anchors, blocks, frame_starts, grid)
+                  for sample, anchors, blocks, frame_starts, grid in layout]
+        return self.adapter.pooled_video_positions(pruned, original, videos)
 
 
 def _pooling_slow_counts(layout: list, bsz: int) -> list[int]:

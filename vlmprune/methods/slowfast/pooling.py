@@ -1,4 +1,4 @@
-"""Pure pooling functions for video tokens (Slow-Fast, ``shared/methods/slowfast.md``).
+"""Pure pooling functions for video tokens (Slow-Fast and SlowFast-LLaVA, as in the papers' reference code).
 
 No model knowledge here: every function takes per-frame token grids ``(T, h, w, D)`` and returns
 pooled grids, so the counts and the averages can be tested directly. The slow-fast method uses
@@ -6,10 +6,10 @@ them through the pre-LLM seam (:mod:`vlmprune.methods.slowfast`).
 
 Two pathways are defined:
 
-* :func:`fast_pathway` is the trained Slow-Fast MLLM's ``split_slow_fast_tokens`` (spec §3):
+* :func:`fast_pathway` is the trained Slow-Fast MLLM's ``split_slow_fast_tokens`` (reference code):
   zero-pad in time to a multiple of ``s*t``, keep every ``s``-th frame, average ``t`` consecutive
   frames, average ``p x p`` spatial windows (floor, like ``avg_pool2d``).
-* :func:`slowfast_llava` is the training-free SlowFast-LLaVA (spec §7): a slow block of a few
+* :func:`slowfast_llava` is the training-free SlowFast-LLaVA (its paper): a slow block of a few
   uniformly spaced frames with light pooling followed by a fast block of every frame with heavy
   pooling.
 """
@@ -31,7 +31,7 @@ def _pair(x: int | tuple[int, int]) -> tuple[int, int]:
 
 
 def uniform_indices(total: int, count: int) -> list[int]:
-    """Frames ``linspace(0, total - 1, count)`` cast to int (the reference's frame sampling, spec §2)."""
+    """Frames ``linspace(0, total - 1, count)`` cast to int (the reference code's frame sampling)."""
     if count < 1 or total < 1:
         raise ValueError(f"need at least one frame to sample from and to keep, got total={total}, count={count}")
     if count == 1:
@@ -66,7 +66,7 @@ def spatial_pool(x: Tensor, stride: int | tuple[int, int]) -> Tensor:
 
 def temporal_pool(x: Tensor, stride: int, min_frames: int = 1) -> Tensor:
     """Average ``stride`` consecutive frames (floor), or, when that would leave fewer than
-    ``min_frames``, adaptive-average to ``min(T, min_frames)`` frames (spec §3 step 3)."""
+    ``min_frames``, adaptive-average to ``min(T, min_frames)`` frames (as the reference code does)."""
     if stride <= 1:
         return x
     t = x.shape[0]
@@ -79,7 +79,7 @@ def temporal_pool(x: Tensor, stride: int, min_frames: int = 1) -> Tensor:
 
 
 def fast_pathway(x: Tensor, s: int = 1, t: int = 4, p: int = 1, min_fast_frames: int = 1) -> Tensor:
-    """The fast tokens of one video, spec §3: (T, h, w, D) -> (T', h // p, w // p, D).
+    """The fast tokens of one video, as the reference code computes them: (T, h, w, D) -> (T', h // p, w // p, D).
 
     For T = 1 (an image) only the spatial pooling runs. Zero frames padded in time take part in
     the averages, as in the reference.
@@ -126,7 +126,7 @@ def slowfast_llava(
     fast_frames: int | None = None,
     fast_stride: int | tuple[int, int] = 6,
 ) -> tuple[Tensor, Tensor]:
-    """SF-LLaVA's two pathways of one video (spec §7): (slow, fast), each (frames, h', w', D).
+    """SF-LLaVA's two pathways of one video (as in its paper): (slow, fast), each (frames, h', w', D).
 
     Slow: ``slow_frames`` frames, every (T / slow_frames)-th, pooled by ``slow_stride``.
     Fast: ``fast_frames`` frames (None: all) spaced the same way, pooled by ``fast_stride``.
