@@ -696,3 +696,98 @@ def test_internvl_calibration_lands_near_target(ivl):
     assert abs(res["calib_mean_tokens"] - 8) <= 0.05 * 8 + 0.5
     with pytest.raises(ValueError, match="target tokens"):
         cal.calibrate(ivl, pv, 16, batch_size=8)
+
+
+# -- each family's own processor output, and errors that say how to calibrate ------------------------------
+
+# (height, width) of the calibration images: 1x2, 2x2 and 1x1 AnyRes grids, so the processor pads to 5 crops
+ONEVISION_SIZES = [(40, 90), (100, 100), (30, 30), (90, 40), (60, 70), (20, 50)]
+
+
+def _onevision_processor(model):
+    import warnings
+
+    from test_llava_next import SIZE
+    from transformers import LlavaOnevisionImageProcessor
+
+    side = {"height": SIZE, "width": SIZE}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return LlavaOnevisionImageProcessor(size=side, crop_size=side,
+                                            image_grid_pinpoints=model.config.image_grid_pinpoints)
+
+
+def _pil_images(sizes, seed=0):
+    from PIL import Image
+
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for h, w in sizes:
+        smooth = torch.rand(1, 3, 3, 3, generator=g)
+        img = torch.nn.functional.interpolate(smooth, size=(h, w), mode="bilinear", align_corners=False)[0]
+        img = (img + 0.3 * torch.rand(3, h, w, generator=g)).clamp(0, 1)
+        out.append(Image.fromarray((img.permute(1, 2, 0) * 255).to(torch.uint8).numpy()))
+    return out
+
+
+def test_onevision_calibration_takes_the_processors_5d_pixel_values(tmp_path, monkeypatch):
+    """LLaVA-OneVision's processor returns (images, crops, 3, H, W) padded to the most crops: calibration
+    takes it with image_sizes, every real crop an image of its own (the model's own crop count), padding
+    dropped; the CLI passes the processor's outputs itself."""
+    from test_llava_next import SIZE, tiny_onevision
+    from transformers.models.llava_onevision.modeling_llava_onevision import image_size_to_num_patches
+
+    model = tiny_onevision()
+    processor = _onevision_processor(model)
+    out = processor(images=_pil_images(ONEVISION_SIZES), return_tensors="pt")
+    pv = out["pixel_values"]
+    assert pv.dim() == 5
+    counts = [image_size_to_num_patches(image_size=s, grid_pinpoints=model.config.image_grid_pinpoints,
+                                        patch_size=SIZE) for s in out["image_sizes"]]
+    assert max(counts) == pv.shape[1] > min(counts)  # padded crops are present
+    crops = torch.cat([pv[i, :n] for i, n in enumerate(counts)])
+    n = (SIZE // model.config.vision_config.patch_size) ** 2
+    res = cal.calibrate(model, pv, n // 2, batch_size=64, image_sizes=out["image_sizes"],
+                        batch_num_images=out["batch_num_images"])
+    assert res["n_images"] == len(ONEVISION_SIZES)
+    assert res["thresholds"] == cal.calibrate(model, crops, n // 2, batch_size=64)["thresholds"]
+    kept, _ = cal.kept_tokens(model, [crops], res["thresholds"])
+    assert len(kept) == sum(counts)
+    with pytest.raises(ValueError, match="image_sizes"):
+        cal.calibrate(model, pv, n // 2)
+    # the CLI: the processor's other outputs (image_sizes, batch_num_images) reach calibrate
+    data = tmp_path / "images"
+    data.mkdir()
+    for i, img in enumerate(_pil_images(ONEVISION_SIZES)):
+        img.save(data / f"{i}.png")
+    monkeypatch.setattr(cal, "load_model", lambda name: (model, processor))
+    path = tmp_path / "ov.json"
+    assert cal.main(["dymu", "--model", "tiny-ov", "--data", str(data), "--target-tokens", str(n // 2),
+                     "--output", str(path), "--batch-size", "64"]) == 0
+    saved = json.loads(path.read_text())
+    assert saved["n_images"] == len(ONEVISION_SIZES)
+    assert [t for t in saved["thresholds"] if t is not None] == [t for t in res["thresholds"] if math.isfinite(t)]
+    with vlmprune.apply(model, "dymu", thresholds=str(path)):
+        pass
+
+
+def test_thresholds_errors_name_the_cli_and_the_python_call(tmp_path):
+    """Every thresholds mismatch says how to calibrate: the CLI and the real Python call."""
+    import inspect
+
+    model = tiny()
+    path = cal.write(tmp_path / "t.json", model, cal.calibrate(model, images(8), 30, batch_size=8))
+    cases = [lambda: vlmprune.apply(model, "dymu", thresholds=[0.5, 0.5]),
+             lambda: vlmprune.apply(tiny(hidden=64), "dymu", thresholds=str(path)),
+             lambda: vlmprune.apply(model, "dymu", thresholds=str(tmp_path / "missing.json"))]
+    for case in cases:
+        with pytest.raises(dymu.ThresholdsError) as err:
+            case()
+        message = str(err.value)
+        assert "`vlmprune calibrate dymu --model" in message
+        assert "vlmprune.methods.dymu.calibrate.calibrate(model, pixel_values, target_tokens=N" in message
+        assert "vlmprune.methods.dymu.calibrate.write(" in message
+    # the call the message names is the real one
+    params = list(inspect.signature(cal.calibrate).parameters)
+    assert params[:3] == ["model", "pixel_values", "target_tokens"]
+    assert list(inspect.signature(cal.write).parameters) == ["path", "model", "result"]
