@@ -131,12 +131,13 @@ def _text_config(config: Any) -> Any:
 
 
 def _text_dims(tc: Any) -> tuple[int, int, int, int, int, int, int]:
-    """(hidden, heads, kv_heads, head_dim, mlp, layers, vocab) as the decoder layers are actually built."""
+    """(hidden, heads, kv_heads, head_dim, mlp, layers, vocab) as the decoder layers are actually built
+    (the head width is a family fact: the adapter owning this text config, or the shared default)."""
+    from vlmprune.adapters import for_text_config
+
     d = int(tc.hidden_size)
     h = int(tc.num_attention_heads)
     kv = int(getattr(tc, "num_key_value_heads", None) or h)
-    from vlmprune.adapters import for_text_config
-
     hd = for_text_config(tc).text_head_dim(tc)
     return d, h, kv, int(hd), int(tc.intermediate_size), int(tc.num_hidden_layers), int(tc.vocab_size)
 
