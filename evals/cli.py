@@ -5,14 +5,15 @@ from __future__ import annotations
 
 import argparse
 import sys
+import textwrap
 import time
 from pathlib import Path
 from typing import NoReturn
 
 from . import harness
 
-EPILOG = f"""\
-tasks (built-in, test split; items per task by default: {", ".join(f"{k} {v}" for k, v in harness.DEFAULT_LIMITS.items())}):
+EPILOG = """\
+tasks (built-in, test split; items per task by default: {limits}):
   image_mc       image questions (colour, shape, count, size, relation, exist), argmax over the
                  question's choices of the answer-position logits
   image_short    the same questions answered by greedy generation (exact match of the first word)
@@ -30,12 +31,27 @@ item i of a video task is test clip i. The same items serve every method and rat
   image token; no chat template) and multiple choice compares the logit of each choice's first
   token, so they run but are not tuned for these tasks.
 
+Methods and their options: --method takes a comma list of NAME or NAME:key=v1,v2;key2=v3 (quote
+it in a shell: ';' ends a command). Each key is an option of the method's config, its values one
+grid axis; several axes form a cross product, e.g. --method 'none,NAME:key=1,2,3;other=0.5'.
+Values are read as int, float, true/false, None, else text (after a comma a bare method name starts
+the next method, so write None, capitalised, among several values). --opt key=v1,v2 sets an axis for
+every chosen method that has that option. Without axes each method runs its own default grid (a
+pruning method at every --ratio; others their presets, modes or layers and the artifacts shipped
+next to the checkpoint). A stack a+b runs at every ratio (when a part takes one), each part with
+its own defaults.
+{options}
+
 Results: a table, <output>/results.json (one row per task x method x ratio: accuracy %, per-type
 accuracy, visual tokens, TFLOPs per sample, latency of the model calls per sample (inputs are
-encoded once, untimed), peak memory) and
-<output>/accuracy_vs_flops.png. The data of every run are the same fixed test items; --seed only
-seeds the methods that draw (random).
+encoded untimed), peak memory) and <output>/accuracy_vs_flops.png; the table shows GFLOPs and
+milliseconds. The data of every run are the same fixed test items; --seed only seeds the methods
+that draw at random.
 """
+
+#: deprecated flags from the time the CLI knew the methods: each becomes an axis (flag's dest ->
+#: option name) for every chosen method whose config has that option
+ALIASES: dict[str, str] = {"exit_layer": "exit_layer", "gates": "gates", "preset": "preset", "slowfast_mode": "mode"}
 
 
 class _Parser(argparse.ArgumentParser):
@@ -53,18 +69,68 @@ def _tasks(text: str) -> list[str]:
     return list(dict.fromkeys(names))
 
 
-def _methods(text: str) -> list[str]:
+def _is_method(name: str) -> bool:
     from vlmprune.registry import available_methods
 
-    valid = ["none", *available_methods()]
-    names = [m.strip() for m in text.split(",") if m.strip()]
-    bad = [m for m in names if any(part not in valid or part == "none" for part in m.split("+")) and m not in valid]
-    if not names or bad:
+    valid = set(available_methods())
+    return name == harness.NONE or all(part in valid for part in name.split("+"))
+
+
+def _method_texts(text: str) -> tuple[list[str], list[str]]:
+    """Split a --method list into one text per method: a comma starts a new method when what
+    follows names one (``a``, ``a+b``, ``a:...``), else it separates values of the last option."""
+    texts: list[str] = []
+    bad: list[str] = []
+    for token in (t.strip() for t in text.split(",")):
+        if not token:
+            continue
+        if _is_method(token.split(":", 1)[0].strip()):
+            texts.append(token)
+        elif texts and ":" in texts[-1]:
+            texts[-1] += "," + token
+        else:
+            bad.append(token)
+    return texts, bad
+
+
+def _methods(text: str) -> list[harness.MethodSpec]:
+    """Methods of the grid: ``NAME``, a stack ``a+b`` or ``NAME:key=v1,v2;key2=v3``."""
+    from vlmprune.registry import available_methods, lookup
+
+    valid = [harness.NONE, *available_methods()]
+    texts, bad = _method_texts(text)
+    if not texts or bad:
         raise argparse.ArgumentTypeError(
             f"unknown method {', '.join(map(repr, bad)) or repr(text)}; choose from {', '.join(valid)} "
-            "(or a stack joined by '+', e.g. fastervlm+flash)"
+            "(or a stack joined by '+'; options as NAME:key=v1,v2;key2=v3)"
         )
-    return list(dict.fromkeys(names))
+    specs = []
+    for t in dict.fromkeys(texts):
+        try:
+            spec = harness.parse_method(t)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+        if spec.name == harness.NONE and spec.axes:
+            raise argparse.ArgumentTypeError("'none' (the unpatched model) takes no options")
+        if spec.axes:
+            options = set().union(*(lookup(p)[0].option_names() for p in spec.parts))
+            unknown = [k for k, _ in spec.axes if k not in options]
+            if unknown:
+                raise argparse.ArgumentTypeError(
+                    f"unknown option(s) {', '.join(unknown)} for method {spec.name!r}; valid options: "
+                    f"{', '.join(sorted(options))}"
+                )
+        specs.append(spec)
+    return specs
+
+
+def _opt(text: str) -> tuple[str, list]:
+    """``key=v1,v2``: one axis for every chosen method that has the option ``key``."""
+    key, eq, values = text.partition("=")
+    parsed = [harness.parse_value(v) for v in values.split(",") if v.strip()]
+    if not eq or not key.strip().isidentifier() or not parsed:
+        raise argparse.ArgumentTypeError(f"--opt takes key=v1[,v2...], e.g. --opt seed=1,2; got {text!r}")
+    return key.strip(), parsed
 
 
 def _ratios(text: str) -> list[float]:
@@ -106,12 +172,25 @@ def _positive(text: str) -> int:
     return value
 
 
+def _method_options_text() -> str:
+    """The epilog's list of every registered method's options (read from the configs)."""
+    from vlmprune.registry import available_methods, lookup
+
+    lines = ["Options per method:"]
+    for name in available_methods():
+        options = ", ".join(lookup(name)[0].option_names()) or "-"
+        lines += textwrap.wrap(options, 98, initial_indent=f"  {name:<10} ", subsequent_indent=" " * 13)
+    return "\n".join(lines)
+
+
 def build_parser(prog: str = "vlmprune-eval") -> argparse.ArgumentParser:
+    defaults = harness.default_methods()
     p = _Parser(
         prog=prog,
         description="Accuracy versus FLOPs of visual-token reduction methods on the built-in benchmark "
         "(a small LLaVA-architecture model trained by this project on synthetic image and video tasks).",
-        epilog=EPILOG,
+        epilog=EPILOG.format(limits=", ".join(f"{k} {v}" for k, v in harness.DEFAULT_LIMITS.items()),
+                             options=_method_options_text()),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--task", type=_tasks, default=list(harness.BUILTIN_TASKS),
@@ -119,30 +198,34 @@ def build_parser(prog: str = "vlmprune-eval") -> argparse.ArgumentParser:
                    "name is an lmms-eval task (e.g. mmbench, vlmprune_builtin_image_mc), run through lmms-eval's evaluator")
     p.add_argument("--model", default=None,
                    help="checkpoint directory (default: the shipped built-in model); see below")
-    p.add_argument("--method", type=_methods, default=list(harness.DEFAULT_METHODS),
-                   help=f"comma list; 'none' is the unpatched model (default: {','.join(harness.DEFAULT_METHODS)})")
+    p.add_argument("--method", type=_methods, default=[harness.MethodSpec(m) for m in defaults],
+                   help=f"comma list of NAME or NAME:key=v1,v2;key2=v3 (see below); 'none' is the unpatched "
+                   f"model (default: {','.join(defaults)})")
     p.add_argument("--ratio", type=_ratios, default=list(harness.DEFAULT_RATIOS),
                    help="comma list of fractions of visual tokens removed, each in [0, 1) "
                    f"(default: {','.join(f'{r:g}' for r in harness.DEFAULT_RATIOS)}); 'none' runs once at 0")
+    p.add_argument("--opt", type=_opt, action="append", default=[], metavar="KEY=V1[,V2...]",
+                   help="an option axis for every chosen method that has option KEY (repeatable)")
     p.add_argument("--exit-layer", type=_layers, default=None,
-                   help="dyvte: comma list of fixed exit layers K (layers K.. run without visual tokens; "
-                   "default with --method dyvte: 1..L-1 plus the shipped gates)")
+                   help="deprecated, = --opt exit_layer=K[,K...]: fixed exit layers (layers K.. run without "
+                   "visual tokens); without it and --gates: 1..L-1 plus the shipped gates")
     p.add_argument("--gates", default=None,
-                   help="dyvte: trained gates (a gates.safetensors file or its directory); default: the "
-                   "built-in model's shipped gates")
-    p.add_argument("--preset", default=",".join(harness.DYMU_PRESETS),
-                   help="dymu: comma list of threshold presets (default: low,mid,high; built-in model)")
-    p.add_argument("--slowfast-mode", default=",".join(harness.SLOWFAST_CELLS),
-                   help="slowfast: comma list of modes: fast (fast tokens only), pooling (training-free "
+                   help="deprecated, = --opt gates=PATH: trained exit gates (a gates.safetensors file or its "
+                   "directory); default: the ones shipped next to the checkpoint")
+    p.add_argument("--preset", type=_split, default=None,
+                   help="deprecated, = --opt preset=P[,P...]: threshold presets (default: low,mid,high; built-in model)")
+    p.add_argument("--slowfast-mode", type=_split, default=None,
+                   help="deprecated, = --opt mode=M[,M...]: fast (fast tokens only), pooling (training-free "
                    "SlowFast), hybrid (trained cross-attention to the slow tokens) (default: all three)")
     p.add_argument("--limit", type=_positive, default=None,
-                   help="items per task (default: per-task counts below, sized for a 5-minute run)")
+                   help="items per task (default: per-task counts below, sized for a 5-minute run; at most "
+                   "the task's split)")
     p.add_argument("--batch-size", type=_positive, default=16, help="items per model call (default: 16)")
     p.add_argument("--device", default="cpu", help="torch device (default: cpu)")
     p.add_argument("--threads", type=_positive, default=1,
                    help="CPU threads for torch (default: 1; the built-in model is so small that more threads "
                    "mostly add hand-off costs, and on a busy shared CPU they slow it down several-fold)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the methods that draw, e.g. random (default: 0)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the methods that draw at random (default: 0)")
     p.add_argument("--output", default="results", help="output directory (default: results/)")
     p.add_argument("--positions", choices=["contiguous", "original"], default=None,
                    help="positions of the kept tokens, passed to the pre-LLM methods (default: the model's)")
@@ -158,8 +241,67 @@ def _fail(prog: str, message: str, code: int = 2) -> int:
     return code
 
 
+def shared_axes(args: argparse.Namespace) -> dict[str, list]:
+    """Axes for every chosen method that has the option: ``--opt`` and the deprecated flags."""
+    axes: dict[str, list] = {}
+    for dest, option in ALIASES.items():
+        value = getattr(args, dest)
+        if value is not None:
+            axes[option] = value if isinstance(value, list) else [value]
+    for key, values in args.opt:
+        axes.setdefault(key, []).extend(values)
+    return axes
+
+
+def _unused_opts(args: argparse.Namespace) -> list[str]:
+    """``--opt`` keys no chosen method has (a typo would otherwise be silently ignored)."""
+    from vlmprune.registry import lookup
+
+    options: set[str] = set()
+    for spec in args.method:
+        if spec.name != harness.NONE:
+            options |= set().union(*(lookup(p)[0].option_names() for p in spec.parts))
+    return [key for key, _ in args.opt if key not in options]
+
+
+def _cap_limit(args: argparse.Namespace, tasks: list[str], prog: str) -> None:
+    """A --limit beyond a task's split runs the whole split, with one note."""
+    if args.limit is None:
+        return
+    over = {t: harness.split_size(harness.TASKS[t]()) for t in tasks}
+    over = {t: n for t, n in over.items() if n is not None and args.limit > n}
+    if over:
+        sizes = ", ".join(f"{t} {n}" for t, n in over.items())
+        print(f"{prog}: note: --limit {args.limit} is more than the test split has ({sizes} items); "
+              "running the whole split", file=sys.stderr)
+
+
+def _write_outputs(rows: list[dict], args: argparse.Namespace, prog: str) -> int:
+    """results.json and the plot; a failure (disk full, directory removed meanwhile) is one line."""
+    out = Path(args.output)
+    try:
+        print(f"wrote {harness.write_json(rows, out / 'results.json')}")
+        if not args.no_plot:
+            print(f"wrote {harness.plot(rows, out / 'accuracy_vs_flops.png')}")
+    except OSError as exc:
+        reason = f"{exc.strerror}: {exc.filename}" if exc.strerror and exc.filename else str(exc) or type(exc).__name__
+        return _fail(prog, f"could not write the results to {out} ({reason}); the table above is all there is", 1)
+    return 0
+
+
 def main(argv: list[str] | None = None, prog: str = "vlmprune-eval") -> int:
     args = build_parser(prog).parse_args(argv)
+    from vlmprune.files import writable_dir
+
+    try:
+        writable_dir(args.output, "--output")
+    except ValueError as exc:
+        return _fail(prog, str(exc))
+    unused = _unused_opts(args)
+    if unused:
+        return _fail(prog, f"--opt {', '.join(unused)}: no chosen method has that option")
+    if args.gates is not None and not Path(args.gates).exists():
+        return _fail(prog, f"--gates {args.gates}: no such file or directory (train gates with `vlmprune train-gates`)")
     builtin_tasks = [t for t in args.task if t in harness.TASKS]
     lmms_tasks = [t for t in args.task if t not in harness.TASKS]
     if lmms_tasks:
@@ -182,27 +324,22 @@ def main(argv: list[str] | None = None, prog: str = "vlmprune-eval") -> int:
         em = harness.load_model(args.model, device=args.device, seed=args.seed)
     except harness.ModelLoadError as exc:
         return _fail(prog, str(exc))
-    import vlmprune.adapters
-
-    exit_layers, gates = args.exit_layer or [], args.gates
-    if "dyvte" in args.method and args.exit_layer is None and gates is None:
-        exit_layers = list(range(1, len(vlmprune.adapters.for_model(em.model).decoder_layers)))
-        gates = harness.shipped_gates(em)
-    if gates is not None and not Path(gates).exists():
-        return _fail(prog, f"--gates {gates}: no such file or directory (train gates with `vlmprune train-gates`)")
+    try:  # every cell's config is built once here, so a bad option value fails before any work
+        cells = harness.grid(args.method, args.ratio, axes=shared_axes(args), model=harness.eval_context(em))
+        for cell in cells:
+            harness.cell_configs(cell, args.seed, args.positions)
+    except (ValueError, TypeError) as exc:
+        return _fail(prog, str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+    _cap_limit(args, builtin_tasks, prog)
     began = time.perf_counter()
     rows = []
     try:
         if builtin_tasks:
             rows += harness.run_eval(
-                em, builtin_tasks, args.method, args.ratio, limit=args.limit, batch_size=args.batch_size,
-                seed=args.seed, positions=args.positions, data_dir=args.data_dir, exit_layers=exit_layers, gates=gates,
-                presets=_split(args.preset), slowfast_modes=_split(args.slowfast_mode),
-                progress=False if args.no_progress else None,
+                em, builtin_tasks, cells=cells, limit=args.limit, batch_size=args.batch_size, seed=args.seed,
+                positions=args.positions, data_dir=args.data_dir, progress=False if args.no_progress else None,
             )
         if lmms_tasks:
-            cells = harness.grid(args.method, args.ratio, exit_layers, gates, _split(args.preset),
-                                 _split(args.slowfast_mode), harness.method_extras(em))
             rows += lmms_runner.run_lmms(
                 em, lmms_tasks, cells, limit=args.limit, batch_size=args.batch_size, seed=args.seed,
                 positions=args.positions, progress=False if args.no_progress else None,
@@ -211,14 +348,10 @@ def main(argv: list[str] | None = None, prog: str = "vlmprune-eval") -> int:
         return _fail(prog, str(exc).splitlines()[0] if str(exc) else type(exc).__name__, 1)
     elapsed = time.perf_counter() - began
     harness.print_tables(rows)
-    out = Path(args.output)
-    path = harness.write_json(rows, out / "results.json")
-    print(f"wrote {path}")
-    if not args.no_plot:
-        print(f"wrote {harness.plot(rows, out / 'accuracy_vs_flops.png')}")
-    print(f"{len(rows)} grid cells in {elapsed:.0f} s on {device}, {args.threads} thread(s) ({em.name})")
-    return 0
-
+    code = _write_outputs(rows, args, prog)
+    if code == 0:
+        print(f"{len(rows)} grid cells in {elapsed:.0f} s on {device}, {args.threads} thread(s) ({em.name})")
+    return code
 
 
 def command(argv: list[str] | None = None) -> int:

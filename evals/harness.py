@@ -1,13 +1,17 @@
 """The eval harness behind ``vlmprune-eval``: tasks, scoring, the (task x method x ratio) grid, outputs.
 
-A *task* turns a split into items, encodes a batch of items into model inputs once (the same
-tensors are reused for every method and ratio of the grid, so preprocessing is neither repeated
-nor timed), and scores a batch with one model call (a forward for multiple choice, ``generate``
-for short answers and captions). The runner owns everything method-related: it applies each
-method in a ``with vlmprune.apply(...)`` block, times the model calls, reads what the method did
-from ``handle.stats`` and turns it into FLOPs with :mod:`vlmprune.flops`, so a new task kind
-(issue 4: lmms-eval tasks) only has to implement the :class:`Task` protocol and register itself
-in :data:`TASKS`.
+A *task* turns a split into items, encodes a batch of items into model inputs (once for the
+whole grid when a task's inputs fit :data:`ENCODED_BYTES_KEPT`, else again for every grid cell,
+batch by batch, so memory stays bounded; never timed), and scores a batch with one model call (a
+forward for multiple choice, ``generate`` for short answers and captions). The runner owns
+everything method-related: it applies each cell's configs in a ``with vlmprune.apply(...)``
+block, times the model calls, reads what the method did from ``handle.stats`` and turns it into
+FLOPs with :mod:`vlmprune.flops`, so a new task kind (issue 4: lmms-eval tasks) only has to
+implement the :class:`Task` protocol and register itself in :data:`TASKS`.
+
+The harness names no method: a method's grid cells, the options a model needs, the row labels
+and the traits that decide where it runs come from its config class (the eval-grid contract of
+:class:`vlmprune.method.MethodConfig`); ``none``, the unpatched model, is the one name it knows.
 
 Conventions of the numbers in a row (one row per task x method x ratio):
 
@@ -32,7 +36,7 @@ import math
 import os
 import time
 from collections import Counter, defaultdict
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -45,10 +49,22 @@ from torch import Tensor
 import vlmprune
 from vlmprune import flops as flops_mod
 from vlmprune.bench import _peak_rss_reset, _rss_kb
+from vlmprune.method import EvalContext, MethodConfig, axis_product
+from vlmprune.registry import available_methods, lookup, make_config
 
 BUILTIN_TASKS: tuple[str, ...] = ("image_mc", "image_short", "video_mc", "video_caption")
-DEFAULT_METHODS: tuple[str, ...] = ("none", "fastervlm", "random", "pool")
 DEFAULT_RATIOS: tuple[float, ...] = (0.5, 0.75, 0.9, 0.95)
+#: the unpatched model's name in a method list (the only method name the harness knows)
+NONE = "none"
+
+
+def default_methods() -> tuple[str, ...]:
+    """The default grid's methods: ``none``, then every registered method whose config sets
+    :attr:`~vlmprune.method.MethodConfig.eval_default_rank`, lowest rank first."""
+    ranks = {name: lookup(name)[0].eval_default_rank for name in available_methods()}
+    return (NONE, *sorted((n for n, r in ranks.items() if r is not None), key=lambda n: (ranks[n], n)))
+
+
 #: items per task of the default run, sized so that the whole default grid (4 tasks x 13 cells)
 #: finishes in under 5 minutes on a 2-core CPU (measured with the untrained built-in model, which
 #: never stops a caption early, 1 thread, the other core busy: 3 min 20 s wall, videos written cold).
@@ -172,18 +188,6 @@ def load_model(spec: str | None = None, device: str = "cpu", seed: int = 0) -> E
     return EvalModel(model, processor, str(path), builtin=False, path=path)
 
 
-#: where a checkpoint's DyVTE gates live, next to its weights
-GATES_DIR = "dyvte-gates"
-
-
-def shipped_gates(em: EvalModel) -> str | None:
-    """The DyVTE gates saved next to the model's checkpoint, if any."""
-    if em.path is None:
-        return None
-    candidate = Path(em.path) / GATES_DIR / "gates.safetensors"
-    return str(candidate) if candidate.exists() else None
-
-
 def _is_builtin_checkpoint(path: Path) -> bool:
     """A LLaVA checkpoint whose tokenizer has the built-in word-level vocabulary."""
     from . import builtin
@@ -225,7 +229,11 @@ class BatchResult:
 
 
 class Task(Protocol):
-    """A task kind the runner can grid over (built-in tasks here; lmms-eval tasks later)."""
+    """A task kind the runner can grid over (built-in tasks here; lmms-eval tasks later).
+
+    Optional attributes: traits that methods may need (:attr:`MethodConfig.eval_needs`), e.g.
+    ``video = True`` or ``generates = True`` (a missing trait counts as false), and
+    ``split_size``, the items in the split (a larger ``limit`` is capped to it)."""
 
     name: str
     metric: str  # "accuracy" or e.g. "token_f1"; reported in percent as the row's ``accuracy``
@@ -305,9 +313,15 @@ def token_f1(prediction: Sequence[str], reference: Sequence[str]) -> float:
 
 
 class _BuiltinTask:
+    """Traits (read against :attr:`MethodConfig.eval_needs`): ``video``, ``generates``."""
+
     name = ""
     metric = "accuracy"
-    video = False  # video-only methods (slow-fast) get no rows on image tasks
+    video = False  # video-only methods get no rows on image tasks
+    generates = False  # decoding methods get no rows on tasks scored by logits
+    #: items in the test split: sample ``i`` has seed ``SPLIT_SEEDS["test"] + i`` and the data
+    #: module refuses an index of 1,000,000 or more (it would overlap the next split)
+    split_size = 1_000_000
 
     def encode(self, em: EvalModel, items: Sequence[Item]) -> dict[str, Tensor]:
         from . import builtin
@@ -499,7 +513,7 @@ def _sync(device: torch.device) -> None:
 
 
 def _run_cell(
-    task: Task, em: EvalModel, batches: list[tuple[list[Item], dict[str, Tensor]]], handle: Any, bar: Any
+    task: Task, em: EvalModel, batches: Iterable[tuple[list[Item], dict[str, Tensor]]], handle: Any, bar: Any
 ) -> _Cell:
     cell = _Cell()
     device = em.device
@@ -577,112 +591,224 @@ def _decode_fields(cell: _Cell) -> dict[str, Any]:
 @dataclass(frozen=True)
 class GridCell:
     """One method setting of the grid. ``ratio`` is None for methods that are not set by a ratio
-    (DyVTE: its row reports the measured share of visual tokens removed); ``setting`` labels the
-    row in tables and plots."""
+    (e.g. an exit layer: the row reports the measured share of visual tokens removed); ``options`` are a single
+    method's options (the cell's own, merged over what the model needs, ratio left out), ``parts``
+    a stack's ``(part, options)`` pairs; ``label`` is the config's :meth:`setting_label` (empty:
+    the row is labelled by its ratio). ``setting`` labels the row in tables and plots."""
 
     method: str
     ratio: float | None
     options: tuple[tuple[str, Any], ...] = ()
+    label: str = ""
+    parts: tuple[tuple[str, tuple[tuple[str, Any], ...]], ...] = ()
 
     @property
     def setting(self) -> str:
-        if self.ratio is not None:
-            return f"{self.ratio:g}"
-        if self.method == "slowfast":
-            return dict(self.options).get("mode", "")
-        if self.method == "flash":
-            return "draft=" + (Path(dict(self.options)["draft"]).name if "draft" in dict(self.options) else "untrained")
-        return ",".join(f"{k}={Path(v).name if k == 'gates' else v}" for k, v in self.options)
+        if self.label:
+            return self.label
+        return f"{self.ratio:g}" if self.ratio is not None else ""
+
+    @property
+    def unpatched(self) -> bool:
+        return self.method == NONE
+
+    def part_options(self) -> list[tuple[str, dict[str, Any]]]:
+        """``(method, options)`` of every part: one for a single method, several for a stack."""
+        if self.unpatched:
+            return []
+        if self.parts:
+            return [(name, dict(opts)) for name, opts in self.parts]
+        return [(self.method, dict(self.options))]
+
+    def config_classes(self) -> list[type[MethodConfig]]:
+        return [lookup(name)[0] for name, _ in self.part_options()]
+
+    def needs(self) -> frozenset[str]:
+        """Task traits the cell needs (the union of its parts' :attr:`MethodConfig.eval_needs`)."""
+        return frozenset().union(*(c.eval_needs for c in self.config_classes()))
+
+    @property
+    def one_prompt_per_call(self) -> bool:
+        return any(c.eval_one_prompt_per_call for c in self.config_classes())
+
+    @property
+    def lossless(self) -> bool:
+        classes = self.config_classes()
+        return bool(classes) and all(c.eval_lossless for c in classes)
 
 
-def _method_options(spec: GridCell, seed: int, positions: str | None) -> dict[str, Any]:
-    from vlmprune.registry import lookup
+@dataclass(frozen=True)
+class MethodSpec:
+    """A method of the grid (a registered name, or a stack ``a+b``) with the user's axes: values per
+    option, e.g. ``MethodSpec("mine", (("k", (1, 2)),))``. Written ``NAME:key=v1,v2;key2=v``."""
 
-    names = lookup(spec.method)[0].option_names()
-    options: dict[str, Any] = dict(spec.options)
-    if spec.ratio is not None and "ratio" in names:
-        options["ratio"] = spec.ratio
-    if "seed" in names:
-        options["seed"] = seed
-    if positions is not None and "positions" in names:
-        options["positions"] = positions
-    return options
+    name: str
+    axes: tuple[tuple[str, tuple[Any, ...]], ...] = ()
+
+    @property
+    def parts(self) -> list[str]:
+        return self.name.split("+")
+
+    def axes_dict(self) -> dict[str, list[Any]]:
+        return {k: list(v) for k, v in self.axes}
+
+    def with_axes(self, axes: Mapping[str, Sequence[Any]]) -> MethodSpec:
+        """The same method with ``axes`` added where it has that option and no axis of its own."""
+        mine = self.axes_dict()
+        names = set().union(*(lookup(p)[0].option_names() for p in self.parts)) if self.name != NONE else set()
+        extra = {k: list(v) for k, v in axes.items() if k in names and k not in mine}
+        return MethodSpec(self.name, tuple((k, tuple(v)) for k, v in {**mine, **extra}.items()))
+
+    def __str__(self) -> str:
+        if not self.axes:
+            return self.name
+        return self.name + ":" + ";".join(f"{k}=" + ",".join(map(str, v)) for k, v in self.axes)
 
 
-#: slow-fast cells on the built-in model (8 frames as two 2x2 mosaics of 8x8-patch frames):
-#: fast-only (s1 t4 p2: 32 tokens), training-free SlowFast pooling (1 slow frame at stride 2 +
-#: all 8 frames at stride 8: 24 tokens) and the trained hybrid (the fast tokens + cross-attention)
-SLOWFAST_CELLS: dict[str, dict[str, Any]] = {
-    "fast": {"mode": "fast"},
-    "pooling": {"mode": "pooling", "slow_frames": 1, "slow_stride": 2, "fast_stride": 8},
-    "hybrid": {"mode": "hybrid"},
-}
-DYMU_PRESETS: tuple[str, ...] = ("low", "mid", "high")
-SLOWFAST_ADAPTER_DIR = "slowfast-hybrid"
-FLASH_DRAFT_DIR = "flash-draft"
+def parse_value(text: str) -> Any:
+    """A CLI option value: int, float, bool (true/false), None (none/null) or the string itself."""
+    low = text.strip().lower()
+    if low in ("none", "null"):
+        return None
+    if low in ("true", "false"):
+        return low == "true"
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text.strip()
 
 
-def grid(
-    methods: Sequence[str], ratios: Sequence[float], exit_layers: Sequence[int] = (), gates: str | None = None,
-    presets: Sequence[str] = DYMU_PRESETS, slowfast_modes: Sequence[str] = tuple(SLOWFAST_CELLS),
-    extras: dict[str, dict[str, Any]] | None = None,
-) -> list[GridCell]:
-    """Cells: ``none`` once, every pruning method at every ratio, ``dyvte`` at every fixed exit
-    layer and with ``gates`` (when given), ``dymu`` per preset, ``slowfast`` per mode, ``flash``
-    once, stacks (``a+b``) at every ratio. ``extras``: per method, options this model needs (see
-    :func:`method_extras`: the built-in model's mosaic layout, its shipped adapter and draft)."""
-    extras = extras or {}
-    flash = tuple(extras.get("flash", {}).items())
-    cells: list[GridCell] = []
-    for m in methods:
-        if m == "none":
-            cells.append(GridCell("none", 0.0))
-        elif m == "dyvte":
-            cells += [GridCell(m, None, (("exit_layer", int(k)),)) for k in exit_layers]
-            if gates is not None:
-                cells.append(GridCell(m, None, (("gates", str(gates)),)))
-            if not exit_layers and gates is None:
-                raise ValueError("dyvte needs --exit-layer K[,K...] or --gates PATH (no shipped gates for this model)")
-        elif m == "dymu":
-            cells += [GridCell(m, None, (("preset", p),)) for p in presets]
-        elif m == "flash":
-            cells.append(GridCell(m, 0.0, flash))
-        elif m == "slowfast":
-            for mode in slowfast_modes:
-                if mode not in SLOWFAST_CELLS:
-                    raise ValueError(f"unknown slow-fast mode {mode!r}; modes: {', '.join(SLOWFAST_CELLS)}")
-                opts = {**SLOWFAST_CELLS[mode], **extras.get("slowfast", {})}
-                if mode != "hybrid":
-                    opts.pop("adapter", None)
-                cells.append(GridCell(m, None, tuple(opts.items())))
-        elif "+" in m:  # a stack, e.g. fastervlm+flash: the pruning part at every ratio
-            cells += [GridCell(m, float(r), flash if "flash" in m.split("+") else ()) for r in ratios]
-        else:
-            cells += [GridCell(m, float(r)) for r in ratios]
+def parse_method(text: str) -> MethodSpec:
+    """``NAME`` or ``NAME:key=v1,v2;key2=v3`` (values parsed by :func:`parse_value`)."""
+    name, _, rest = text.strip().partition(":")
+    axes: dict[str, list[Any]] = {}
+    for chunk in (c for c in rest.split(";") if c.strip()):
+        key, eq, values = chunk.partition("=")
+        key = key.strip()
+        if not eq or not key.isidentifier():
+            raise ValueError(f"method options are written NAME:key=v1,v2;key2=v3; got {chunk.strip()!r} in {text!r}")
+        axes.setdefault(key, []).extend(parse_value(v) for v in values.split(",") if v.strip())
+        if not axes[key]:
+            raise ValueError(f"option {key!r} of {name.strip()!r} has no value")
+    return MethodSpec(name.strip(), tuple((k, tuple(v)) for k, v in axes.items()))
+
+
+def _as_spec(method: str | MethodSpec) -> MethodSpec:
+    return method if isinstance(method, MethodSpec) else parse_method(method)
+
+
+def eval_context(em: EvalModel) -> EvalContext:
+    """What the methods' eval hooks may know about ``em``: its checkpoint (shipped artifacts),
+    whether it is the built-in model and its decoder depth."""
+    import vlmprune.adapters
+
+    try:
+        layers: int | None = len(vlmprune.adapters.for_model(em.model).decoder_layers)
+    except TypeError:  # not a supported family: only the unpatched model can run anyway
+        layers = None
+    return EvalContext(checkpoint=em.path, builtin=em.builtin, num_layers=layers)
+
+
+def _frozen(options: Mapping[str, Any]) -> tuple[tuple[str, Any], ...]:
+    return tuple((k, v) for k, v in options.items() if k != "ratio")
+
+
+def _method_cells(spec: MethodSpec, ratios: Sequence[float], model: EvalContext) -> list[GridCell]:
+    """A single method's cells: its config's eval_cells, each merged over its eval_defaults."""
+    cfg = lookup(spec.name)[0]
+    cells = []
+    for own in cfg.eval_cells(ratios, model, spec.axes_dict()):
+        ratio = own.get("ratio")
+        options = {**cfg.eval_defaults(model, own), **own}
+        cells.append(GridCell(spec.name, None if ratio is None else float(ratio), _frozen(options),
+                              cfg.setting_label(own)))
     return cells
 
 
-def _configs(spec: GridCell, seed: int, positions: str | None) -> list[Any]:
-    """Config objects for a stacked cell (``a+b``): each part gets the options it knows."""
-    from vlmprune.registry import make_config
+def _stack_cells(spec: MethodSpec, ratios: Sequence[float], model: EvalContext) -> list[GridCell]:
+    """A stack (``a+b``): one cell per ratio (when a part takes a ratio) and combination of the
+    axes; each axis goes to the parts that have that option, each part gets its own defaults."""
+    classes = [lookup(p)[0] for p in spec.parts]
+    axes = spec.axes_dict()
+    known = set().union(*(c.option_names() for c in classes))
+    unknown = sorted(set(axes) - known)
+    if unknown:
+        raise ValueError(f"unknown option(s) {', '.join(unknown)} for {spec.name!r}; valid options: {', '.join(sorted(known))}")
+    takes_ratio = any("ratio" in c.option_names() for c in classes)
+    ratio_values: list[float | None] = [float(r) for r in axes.pop("ratio", ratios)] if takes_ratio else [None]
+    cells = []
+    for ratio in ratio_values:
+        for combo in axis_product(axes):
+            parts = []
+            for name, cfg in zip(spec.parts, classes):
+                own = {k: v for k, v in combo.items() if k in cfg.option_names()}
+                parts.append((name, _frozen({**cfg.eval_defaults(model, own), **own})))
+            label = MethodConfig.setting_label(combo)
+            cells.append(GridCell(spec.name, ratio, label=label, parts=tuple(parts)))
+    return cells
 
+
+def grid(
+    methods: Sequence[str | MethodSpec], ratios: Sequence[float], exit_layers: Sequence[int] = (),
+    gates: str | None = None, *, axes: Mapping[str, Sequence[Any]] | None = None, model: EvalContext | None = None,
+) -> list[GridCell]:
+    """The grid's cells, in the order of ``methods``: ``none`` once (the unpatched model, ratio 0),
+    every other method as its config's :meth:`~vlmprune.method.MethodConfig.eval_cells` makes it
+    (a pruning method at every ratio; presets, modes, exit layers per the method), each merged
+    over what ``model`` needs (:meth:`~vlmprune.method.MethodConfig.eval_defaults`), stacks
+    (``a+b``) at every ratio.
+
+    ``methods``: names or ``NAME:key=v1,v2;key2=v`` specs (:func:`parse_method`). ``axes``: option
+    values for every method that has that option and no axis of its own (the CLI's ``--opt``).
+    ``exit_layers`` / ``gates``: deprecated, the same as ``axes={"exit_layer": exit_layers,
+    "gates": [gates]}``. ``model``: the model's :func:`eval_context` (None: nothing known, so no
+    shipped defaults)."""
+    model = model or EvalContext()
+    shared = dict(axes or {})
+    if exit_layers:
+        shared.setdefault("exit_layer", [int(k) for k in exit_layers])
+    if gates is not None:
+        shared.setdefault("gates", [str(gates)])
+    cells: list[GridCell] = []
+    for method in methods:
+        spec = _as_spec(method)
+        if spec.name == NONE:
+            cells.append(GridCell(NONE, 0.0))
+            continue
+        spec = spec.with_axes(shared)
+        cells += _stack_cells(spec, ratios, model) if "+" in spec.name else _method_cells(spec, ratios, model)
+    return cells
+
+
+def cell_configs(spec: GridCell, seed: int, positions: str | None) -> list[MethodConfig]:
+    """The config objects of a cell (several for a stack): its options, the cell's ratio where a
+    part takes one, and the run's ``seed`` / ``positions`` where a part has them and the cell does
+    not set them itself."""
     out = []
-    for part in spec.method.split("+"):
-        sub = GridCell(part, spec.ratio, spec.options if part == "flash" else ())
-        out.append(make_config(part, _method_options(sub, seed, positions)))
+    for name, options in spec.part_options():
+        names = lookup(name)[0].option_names()
+        if spec.ratio is not None and "ratio" in names:
+            options["ratio"] = spec.ratio
+        if "seed" in names:
+            options.setdefault("seed", seed)
+        if positions is not None and "positions" in names:
+            options.setdefault("positions", positions)
+        out.append(make_config(name, options))
     return out
 
 
-def method_extras(em: EvalModel) -> dict[str, dict[str, Any]]:
-    """Per method, the options this model needs: slow-fast gets the built-in model's mosaic layout
-    and the trained adapter shipped next to the checkpoint, FLASH the shipped draft."""
-    slowfast: dict[str, Any] = {"mosaic": 2} if em.builtin else {}
-    extras: dict[str, dict[str, Any]] = {"slowfast": slowfast}
-    if em.path is not None and (Path(em.path) / SLOWFAST_ADAPTER_DIR).exists():
-        slowfast["adapter"] = str(Path(em.path) / SLOWFAST_ADAPTER_DIR)
-    if em.path is not None and (Path(em.path) / FLASH_DRAFT_DIR).exists():
-        extras["flash"] = {"draft": str(Path(em.path) / FLASH_DRAFT_DIR)}
-    return extras
+def applies_to(spec: GridCell, task: Task) -> bool:
+    """Whether the cell gets rows on ``task``: the task has every trait the cell's methods need
+    (a ``video`` / ``generates`` attribute that is true)."""
+    return all(getattr(task, need, False) for need in spec.needs())
+
+
+#: encoded inputs kept for the whole grid when a task's are estimated below this size (every
+#: default run: encoded once); above it, each grid cell encodes batch by batch again, so memory
+#: stays bounded whatever ``--limit`` is
+ENCODED_BYTES_KEPT = 1 << 30
 
 
 def _batched(items: Sequence[Item], size: int) -> Iterator[list[Item]]:
@@ -690,10 +816,46 @@ def _batched(items: Sequence[Item], size: int) -> Iterator[list[Item]]:
         yield list(items[i : i + size])
 
 
+def _nbytes(inputs: dict[str, Tensor]) -> int:
+    return sum(v.numel() * v.element_size() for v in inputs.values() if isinstance(v, Tensor))
+
+
+class _Batches:
+    """A task's batches and their encoded inputs, iterable once per grid cell.
+
+    The first batch is encoded at once (the warm-up call uses it); when the whole task's inputs
+    are estimated (from that batch) below :data:`ENCODED_BYTES_KEPT`, every batch is encoded up
+    front and reused by every cell, else each pass encodes batch by batch (memory: one batch).
+    ``one_prompt`` passes give batches of one item, encoded lazily.
+    """
+
+    def __init__(self, task: Task, em: EvalModel, items: Sequence[Item], batch_size: int) -> None:
+        self.task, self.em, self.items, self.batch_size = task, em, items, batch_size
+        self.first = task.encode(em, list(items[:batch_size])) if items else None
+        self.kept: list[tuple[list[Item], dict[str, Tensor]]] | None = None
+        if self.first is not None:
+            per_item = _nbytes(self.first) / min(batch_size, len(items))
+            if per_item * len(items) <= ENCODED_BYTES_KEPT:
+                rest = [(b, task.encode(em, b)) for b in _batched(items[batch_size:], batch_size)]
+                self.kept = [(list(items[:batch_size]), self.first), *rest]
+
+    def passes(self, one_prompt: bool = False) -> Iterator[tuple[list[Item], dict[str, Tensor]]]:
+        if one_prompt:
+            return (([it], self.task.encode(self.em, [it])) for it in self.items)
+        if self.kept is not None:
+            return iter(self.kept)
+        return ((b, self.task.encode(self.em, b)) for b in _batched(self.items, self.batch_size))
+
+
+def split_size(task: Task) -> int | None:
+    """Items in the task's test split (None: unknown); a larger ``limit`` is capped to it."""
+    return getattr(task, "split_size", None)
+
+
 def run_eval(
     em: EvalModel,
     tasks: Sequence[str] = BUILTIN_TASKS,
-    methods: Sequence[str] = DEFAULT_METHODS,
+    methods: Sequence[str | MethodSpec] | None = None,
     ratios: Sequence[float] = DEFAULT_RATIOS,
     *,
     limit: int | None = None,
@@ -703,72 +865,82 @@ def run_eval(
     data_dir: str | os.PathLike | None = None,
     exit_layers: Sequence[int] = (),
     gates: str | None = None,
-    presets: Sequence[str] = DYMU_PRESETS,
-    slowfast_modes: Sequence[str] = tuple(SLOWFAST_CELLS),
+    axes: Mapping[str, Sequence[Any]] | None = None,
+    cells: Sequence[GridCell] | None = None,
     progress: bool | None = None,
     keep_predictions: bool = False,
 ) -> list[dict[str, Any]]:
     """Run the grid and return one row per (task, method, ratio); see the module docstring.
 
-    ``limit``: items per task (default :data:`DEFAULT_LIMITS`). ``progress``: a tqdm bar over the
-    whole grid (None: only on a terminal). ``keep_predictions`` adds each row's per-item
-    ``predictions`` and ``scores`` (for tests and analysis)."""
+    ``methods`` (default: :func:`default_methods`) / ``axes`` / ``exit_layers`` / ``gates``: see
+    :func:`grid` (or pass ``cells`` made by it). ``limit``: items per task (default :data:`DEFAULT_LIMITS`; capped to the task's
+    split). ``progress``: a tqdm bar over the whole grid (None: only on a terminal).
+    ``keep_predictions`` adds each row's per-item ``predictions`` and ``scores`` (for tests and
+    analysis)."""
     from tqdm.auto import tqdm
 
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
     directory = Path(data_dir if data_dir is not None else DEFAULT_VIDEO_DIR).expanduser()
-    cells = grid(methods, ratios, exit_layers, gates, presets, slowfast_modes, method_extras(em))
+    if cells is None:
+        methods = default_methods() if methods is None else methods
+        cells = grid(methods, ratios, exit_layers, gates, axes=axes, model=eval_context(em))
+    for spec in cells:  # a bad option fails here, before any item is scored
+        cell_configs(spec, seed, positions)
     torch.manual_seed(seed)
     task_objs = [TASKS[name]() for name in tasks]
-    loaded = [(t, t.load(limit if limit is not None else DEFAULT_LIMITS.get(t.name, 100), directory)) for t in task_objs]
+    loaded = [(t, t.load(_task_limit(t, limit), directory)) for t in task_objs]
     total = sum(len(items) for _, items in loaded) * len(cells)
     bar = tqdm(total=total, desc="vlmprune-eval", unit="item", disable=(not progress) if progress is not None else None)
     rows = []
-    plain: dict[str, tuple[dict[str, Any], list[str]]] = {}  # the unpatched row and predictions per task
     try:
         with torch.inference_mode():
             for task, items in loaded:
-                batches = [(b, task.encode(em, b)) for b in _batched(items, batch_size)]
-                if batches:  # warm-up (untimed): first-call allocations and lazy initialisation
-                    answer_logits(em, batches[0][1])
-                for spec in cells:
-                    flash = "flash" in spec.method.split("+")
-                    if (spec.method == "slowfast" and not getattr(task, "video", True)) or (
-                        flash and not getattr(task, "generates", False)
-                    ):
-                        bar.update(len(items))
-                        continue
-                    cell_batches = batches
-                    if flash:  # speculative decoding runs one prompt per call
-                        cell_batches = [([it], task.encode(em, [it])) for it in items]
-                    bar.set_postfix_str(f"{task.name} {spec.method} {spec.setting}")
-                    with _PeakMemory(em.device) as mem:
-                        if spec.method == "none":
-                            cell = _run_cell(task, em, batches, None, bar)
-                        else:
-                            if "+" in spec.method:
-                                patch = vlmprune.apply(em.model, _configs(spec, seed, positions))
-                            else:
-                                patch = vlmprune.apply(em.model, spec.method, **_method_options(spec, seed, positions))
-                            with patch as handle:
-                                cell = _run_cell(task, em, cell_batches, handle, bar)
-                    extra = {"peak_mem_mb": mem.value, "batch_size": batch_size, "seed": seed,
-                             "positions": cell.positions}
-                    row = _row(task, spec, cell, em, extra)
-                    if spec.method == "none":
-                        plain[task.name] = row, cell.predictions
-                    elif spec.method == "flash" and task.name in plain:  # lossless? and how much faster
-                        base, preds = plain[task.name]
-                        row["identical_to_none"] = cell.predictions == preds
-                        row["speedup_vs_none"] = base["latency_s"] / row["latency_s"] if row["latency_s"] else float("nan")
-                    if keep_predictions:
-                        row["predictions"] = cell.predictions
-                        row["scores"] = cell.scores
-                    rows.append(row)
-                del batches
+                rows += _run_task(task, items, em, cells, batch_size, seed, positions, bar, keep_predictions)
     finally:
         bar.close()
+    return rows
+
+
+def _task_limit(task: Task, limit: int | None) -> int:
+    n = limit if limit is not None else DEFAULT_LIMITS.get(task.name, 100)
+    size = split_size(task)
+    return n if size is None else min(n, size)
+
+
+def _run_task(
+    task: Task, items: Sequence[Item], em: EvalModel, cells: Sequence[GridCell], batch_size: int, seed: int,
+    positions: str | None, bar: Any, keep_predictions: bool,
+) -> list[dict[str, Any]]:
+    """Every cell of the grid on one task's items (their inputs encoded once when they fit)."""
+    batches = _Batches(task, em, items, batch_size)
+    if batches.first is not None:  # warm-up (untimed): first-call allocations and lazy initialisation
+        answer_logits(em, batches.first)
+    rows = []
+    plain: tuple[dict[str, Any], list[str]] | None = None  # the unpatched row and its predictions
+    for spec in cells:
+        if not applies_to(spec, task):
+            bar.update(len(items))
+            continue
+        bar.set_postfix_str(f"{task.name} {spec.method} {spec.setting}")
+        with _PeakMemory(em.device) as mem:
+            if spec.unpatched:
+                cell = _run_cell(task, em, batches.passes(), None, bar)
+            else:
+                with vlmprune.apply(em.model, cell_configs(spec, seed, positions)) as handle:
+                    cell = _run_cell(task, em, batches.passes(spec.one_prompt_per_call), handle, bar)
+        extra = {"peak_mem_mb": mem.value, "batch_size": batch_size, "seed": seed, "positions": cell.positions}
+        row = _row(task, spec, cell, em, extra)
+        if spec.unpatched:
+            plain = row, cell.predictions
+        elif spec.lossless and plain is not None:  # lossless? and how much faster
+            base, preds = plain
+            row["identical_to_none"] = cell.predictions == preds
+            row["speedup_vs_none"] = base["latency_s"] / row["latency_s"] if row["latency_s"] else float("nan")
+        if keep_predictions:
+            row["predictions"] = cell.predictions
+            row["scores"] = cell.scores
+        rows.append(row)
     return rows
 
 
@@ -791,25 +963,49 @@ def _fmt_mem(v: float | None) -> str:
     return "n/a" if v is None else f"{v:.0f}"
 
 
+def _fmt_gflops(tflops: float) -> str:
+    """GFLOPs with three significant digits or more (the built-in model's 0.00129 TFLOPs: 1.29)."""
+    g = 1e3 * tflops
+    return f"{g:#.3g}" if g < 100 else f"{g:.0f}"
+
+
 def _setting(r: dict[str, Any]) -> str:
-    """The ratio column: the ratio asked for, or for DyVTE its setting and the measured ratio."""
+    """The setting column: the ratio asked for, or the method's setting and the measured ratio."""
     setting = r.get("setting", f"{r['ratio']:g}")
     return setting if setting == f"{r['ratio']:g}" else f"{setting} ({r['ratio']:.2f})"
 
 
+#: the main table's columns, sized for an 80-column terminal (the JSON keeps every field at full
+#: precision): the metric is named in the title, "tokens" are the visual tokens the LLM saw, FLOPs
+#: are per sample in GFLOPs, latency in ms, peak memory in MB
+MAIN_COLUMNS: tuple[str, ...] = ("task", "method", "setting", "score", "tokens", "GFLOPs", "ms", "MB")
+#: columns that never wrap up to this width (names), the rest ("setting") wraps
+_TEXT_COLUMNS = ("task", "method", "setting")
+_NAME_WIDTH = 16
+
+
+def _score_title(rows: Sequence[dict[str, Any]]) -> str:
+    other = {r["task"]: r["metric"] for r in rows if r["metric"] != "accuracy"}
+    if not other:
+        return "accuracy %"
+    named = ", ".join(f"{_metric_label(m)} % for {t}" for t, m in other.items())
+    return f"accuracy % ({named})" if any(r["metric"] == "accuracy" for r in rows) else named
+
+
 def summary_tables(rows: Sequence[dict[str, Any]]) -> list[tuple[str, list[str], list[list[str]]]]:
     """(title, header, rows) of the main table and one per-question-type table per task."""
-    head = ["task", "metric", "method", "ratio", "accuracy %", "visual tokens", "TFLOPs", "latency ms", "peak mem MB"]
     body = [
-        [r["task"], _metric_label(r["metric"]), r["method"], _setting(r), f"{r['accuracy']:.1f}",
-         f"{r['visual_tokens']:.1f}", f"{r['tflops']:.5f}", f"{1e3 * r['latency_s']:.1f}", _fmt_mem(r["peak_mem_mb"])]
+        [r["task"], r["method"], _setting(r), f"{r['accuracy']:.1f}", f"{r['visual_tokens']:.1f}",
+         _fmt_gflops(r["tflops"]), f"{1e3 * r['latency_s']:.1f}", _fmt_mem(r["peak_mem_mb"])]
         for r in rows
     ]
-    tables = [("results (per sample: TFLOPs, latency; accuracy % or token F1 %)", head, body)]
+    title = (f"results per sample (score: {_score_title(rows)}; tokens: visual tokens the LLM saw; "
+             "GFLOPs; latency ms; peak memory MB)")
+    tables = [(title, list(MAIN_COLUMNS), body)]
     for task in dict.fromkeys(r["task"] for r in rows):
         trows = [r for r in rows if r["task"] == task]
         qtypes = list(dict.fromkeys(q for r in trows for q in r["per_type"]))
-        head_t = ["method", "ratio", *qtypes]
+        head_t = ["method", "setting", *qtypes]
         body_t = [[r["method"], _setting(r), *(f"{r['per_type'][q]:.1f}" if q in r["per_type"] else "-" for q in qtypes)]
                   for r in trows]
         tables.append((f"{task}: {_metric_label(trows[0]['metric'])} % per question type", head_t, body_t))
@@ -826,6 +1022,28 @@ def format_plain(tables: Sequence[tuple[str, list[str], list[list[str]]]]) -> st
     return "\n".join(out)
 
 
+def rich_tables(tables: Sequence[tuple[str, list[str], list[list[str]]]]) -> list[Any]:
+    """The tables as rich Tables that fit an 80-column terminal: light borders, one space between
+    columns, names kept whole (up to 16 characters), the setting wrapped where it must be; a cell
+    wraps or folds, it never ends in an ellipsis."""
+    from rich import box
+    from rich.table import Table
+
+    out = []
+    for title, head, body in tables:
+        table = Table(title=title, box=box.SIMPLE_HEAD, pad_edge=False, padding=(0, 1), collapse_padding=True)
+        for i, h in enumerate(head):
+            longest = max([len(h), *(len(row[i]) for row in body)])
+            if h in _TEXT_COLUMNS:
+                table.add_column(h, overflow="fold", min_width=None if h == "setting" else min(longest, _NAME_WIDTH))
+            else:
+                table.add_column(h, justify="right", overflow="fold", min_width=min(longest, _NAME_WIDTH))
+        for row in body:
+            table.add_row(*row)
+        out.append(table)
+    return out
+
+
 def print_tables(rows: Sequence[dict[str, Any]], plain: bool = False) -> None:
     """Rich tables on a terminal when rich is installed, markdown otherwise."""
     tables = summary_tables(rows)
@@ -833,7 +1051,6 @@ def print_tables(rows: Sequence[dict[str, Any]], plain: bool = False) -> None:
         if plain:
             raise ImportError
         from rich.console import Console
-        from rich.table import Table
     except ImportError:
         print(format_plain(tables))
         return
@@ -841,12 +1058,7 @@ def print_tables(rows: Sequence[dict[str, Any]], plain: bool = False) -> None:
     if not console.is_terminal:
         print(format_plain(tables))
         return
-    for title, head, body in tables:
-        table = Table(title=title)
-        for h in head:
-            table.add_column(h, justify="left" if h in ("task", "metric", "method") else "right")
-        for row in body:
-            table.add_row(*row)
+    for table in rich_tables(tables):
         console.print(table)
 
 

@@ -114,11 +114,11 @@ def run_lmms(
 
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        for spec in cells:
-            stats = Path(tmp) / f"{spec.method}-{spec.setting}.jsonl"
-            options = {} if spec.method == "none" else harness._method_options(spec, seed, positions)
+        for index, spec in enumerate(cells):
+            stats = Path(tmp) / f"cell-{index}.jsonl"  # settings may repeat or hold any character
+            configs = [] if spec.unpatched else harness.cell_configs(spec, seed, positions)
             with harness._PeakMemory(em.device) as mem:
-                handle = vlmprune.apply(em.model, spec.method, **options) if spec.method != "none" else None
+                handle = vlmprune.apply(em.model, configs) if configs else None
                 try:
                     lm = VlmpruneLMM.wrap(em, spec.method, handle, stats_file=str(stats), batch_size=batch_size)
                     began = time.perf_counter()

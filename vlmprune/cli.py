@@ -9,7 +9,9 @@ import importlib
 import json
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import NoReturn
 
 
 def _ratios(text: str) -> list[float]:
@@ -21,6 +23,28 @@ def _ratios(text: str) -> list[float]:
     if not values or bad:
         raise argparse.ArgumentTypeError(f"every ratio must be in [0, 1); got {text!r}")
     return values
+
+
+def _count(minimum: int) -> Callable[[str], int]:
+    """An argparse type: an integer >= ``minimum`` (``--repeats 0`` would end in a statistics error)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = minimum - 1
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be an integer >= {minimum}, got {text!r}")
+        return value
+
+    return parse
+
+
+class _OneLineParser(argparse.ArgumentParser):
+    """A sub-command's argument errors as one line naming the fix (no usage block), exit status 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message}\n")
 
 
 def _bench(args: argparse.Namespace) -> int:
@@ -48,14 +72,14 @@ def _bench(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vlmprune", description="Visual-token reduction for Hugging Face VLMs")
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_OneLineParser)
     b = sub.add_parser("bench", help="prefill latency / memory / FLOPs benchmark of a pre-LLM method")
     b.add_argument("--method", default="fastervlm")
     b.add_argument("--ratios", type=_ratios, default=[0.0, 0.5, 0.75, 0.9, 0.95])
     b.add_argument("--size", choices=["default", "tiny"], default="default",
                    help="model size: 'default' (prefill > 100 ms on a laptop CPU) or 'tiny' (smoke test)")
-    b.add_argument("--repeats", type=int, default=15, help="interleaved (unpatched, patched) pairs per ratio")
-    b.add_argument("--warmup", type=int, default=3)
+    b.add_argument("--repeats", type=_count(1), default=15, help="interleaved (unpatched, patched) pairs per ratio (>= 1)")
+    b.add_argument("--warmup", type=_count(0), default=3, help="untimed calls before the timed ones (>= 0)")
     b.add_argument("--device", default="cpu")
     b.add_argument("--seed", type=int, default=0)
     b.add_argument("--output", help="also write the rows as JSON to this file")

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
-from vlmprune.method import MethodConfig, Stage
+from vlmprune.method import EvalContext, MethodConfig, Stage, axis_product
 
 PRESETS = ("low", "mid", "high")
 VTU_CHOICES = ("fast", "exact", False)
@@ -41,6 +42,17 @@ class DyMUConfig(MethodConfig):
             object.__setattr__(self, "thresholds", tuple(_as_threshold(t) for t in self.thresholds))
         elif self.thresholds is not None and not isinstance(self.thresholds, (str, Path)):
             raise ValueError(f"thresholds must be a path or a list of numbers, got {type(self.thresholds).__name__}")
+
+    @classmethod
+    def eval_cells(
+        cls, ratios: Sequence[float], model: EvalContext, axes: Mapping[str, Sequence[Any]]
+    ) -> list[dict[str, Any]]:
+        """One cell per preset (default: low, mid, high), or per thresholds file when that axis is
+        given; other axes (``vtu``) are crossed with them."""
+        cls.check_eval_axes(axes)
+        if "preset" not in axes and "thresholds" not in axes:
+            axes = {"preset": list(PRESETS), **axes}
+        return axis_product(axes)
 
 
 def _as_threshold(value: Any) -> float:

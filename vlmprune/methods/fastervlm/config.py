@@ -17,3 +17,4 @@ class FasterVLMConfig(PreLLMConfig):
     "spatial" layout is not what stock models run, so it is not offered."""
 
     method: ClassVar[str] = "fastervlm"
+    eval_default_rank: ClassVar[int | None] = 1  # in the default vlmprune-eval grid

@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
-from vlmprune.method import MethodConfig, Stage
+from vlmprune.method import EvalContext, MethodConfig, Stage, axis_product
 
 #: learned latents per visual span when a draft is built from the config (the paper's 64 for
 #: 576-token LLaVA images); a trained draft keeps its own
 DEFAULT_LATENTS = 64
 TREE_CHOICES = (None, "chain", "static")
+#: where a checkpoint's trained draft lives, next to its weights (``vlmprune train-draft`` writes it)
+DRAFT_DIR = "flash-draft"
 
 
 @dataclass(frozen=True)
@@ -27,6 +30,10 @@ class FlashConfig(MethodConfig):
 
     method: ClassVar[str] = "flash"
     stage: ClassVar[Stage] = Stage.DECODE
+    # the eval grid: generation tasks only, one prompt per speculative generate, lossless
+    eval_needs: ClassVar[frozenset[str]] = frozenset({"generates"})
+    eval_one_prompt_per_call: ClassVar[bool] = True
+    eval_lossless: ClassVar[bool] = True
     draft: Any = None
     depth: int = 4
     k: int | None = None
@@ -60,3 +67,22 @@ class FlashConfig(MethodConfig):
             draft = type(draft).__name__
         return {"method": self.method, "draft": None if draft is None else str(draft), "depth": self.depth,
                 "k": self.k, "tree": self.tree, "branches": self.branches, "latents": self.latents, "seed": self.seed}
+
+    @classmethod
+    def eval_cells(
+        cls, ratios: Sequence[float], model: EvalContext, axes: Mapping[str, Sequence[Any]]
+    ) -> list[dict[str, Any]]:
+        """One cell (per combination of the axes), at ratio 0: FLASH removes no visual token."""
+        cls.check_eval_axes(axes)
+        return [{"ratio": 0.0, **combo} for combo in axis_product(axes)]
+
+    @classmethod
+    def eval_defaults(cls, model: EvalContext, options: Mapping[str, Any]) -> dict[str, Any]:
+        """The draft trained for this model, when its checkpoint ships one."""
+        draft = model.artifact(DRAFT_DIR)
+        return {"draft": str(draft)} if draft is not None else {}
+
+    @classmethod
+    def setting_label(cls, options: Mapping[str, Any]) -> str:
+        shown = {**options, "draft": "untrained"} if "draft" in options and options["draft"] is None else options
+        return super().setting_label(shown)

@@ -16,3 +16,4 @@ class PoolConfig(PreLLMConfig):
     top-left token."""
 
     method: ClassVar[str] = "pool"
+    eval_default_rank: ClassVar[int | None] = 3  # in the default vlmprune-eval grid

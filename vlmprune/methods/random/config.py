@@ -14,6 +14,7 @@ class RandomConfig(PreLLMConfig):
     (each call draws from a generator seeded anew, so the same input keeps the same tokens)."""
 
     method: ClassVar[str] = "random"
+    eval_default_rank: ClassVar[int | None] = 2  # in the default vlmprune-eval grid
     seed: int = 0
 
     def validate(self) -> None:

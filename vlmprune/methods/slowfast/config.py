@@ -2,14 +2,26 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
-from vlmprune.method import MethodConfig, Stage, check_choice
+from vlmprune.method import EvalContext, MethodConfig, Stage, axis_product, check_choice
 
 MODES = ("pooling", "hybrid", "fast")
 LORA_TARGETS = ("q_proj", "v_proj")
 IMPLS = ("vanilla", "text-only-vanilla", "text-only-vanilla-masksystem")
+#: the eval grid's cells per mode, sized for the built-in model (8 frames as two 2x2 mosaics of
+#: 8x8-patch frames): fast-only (s1 t4 p2: 32 tokens), training-free SlowFast pooling (1 slow frame
+#: at stride 2 + all 8 frames at stride 8: 24 tokens) and the trained hybrid (the fast tokens +
+#: cross-attention)
+EVAL_MODES: dict[str, dict[str, Any]] = {
+    "fast": {"mode": "fast"},
+    "pooling": {"mode": "pooling", "slow_frames": 1, "slow_stride": 2, "fast_stride": 8},
+    "hybrid": {"mode": "hybrid"},
+}
+#: where a checkpoint's trained hybrid adapter lives, next to its weights (``vlmprune train-slowfast``)
+ADAPTER_DIR = "slowfast-hybrid"
 
 
 def _positive(name: str, value: object) -> None:
@@ -48,6 +60,7 @@ class SlowFastConfig(MethodConfig):
 
     method: ClassVar[str] = "slowfast"
     stage: ClassVar[Stage] = Stage.PRE_LLM  # fast tokens; the hybrid layers also act inside the LLM
+    eval_needs: ClassVar[frozenset[str]] = frozenset({"video"})  # a video method: no rows on image tasks
     mode: str = "hybrid"
     s: int = 1
     t: int = 4
@@ -99,3 +112,35 @@ class SlowFastConfig(MethodConfig):
             return sorted(set(int(i) for i in self.layers))
         top = num_layers if self.max_layer is None else min(self.max_layer, num_layers)
         return list(range(self.min_layer, top, self.every_n_layers))
+
+    @classmethod
+    def eval_cells(
+        cls, ratios: Sequence[float], model: EvalContext, axes: Mapping[str, Sequence[Any]]
+    ) -> list[dict[str, Any]]:
+        """One cell per mode (default: fast, pooling, hybrid, with :data:`EVAL_MODES`' options),
+        crossed with the other axes (which win over a mode's own options)."""
+        cls.check_eval_axes(axes)
+        modes = list(axes.get("mode", EVAL_MODES))
+        bad = [m for m in modes if m not in EVAL_MODES]
+        if bad:
+            raise ValueError(f"unknown slow-fast mode {bad[0]!r}; modes: {', '.join(EVAL_MODES)}")
+        rest = {k: v for k, v in axes.items() if k != "mode"}
+        return [{**EVAL_MODES[m], **combo} for m in modes for combo in axis_product(rest)]
+
+    @classmethod
+    def eval_defaults(cls, model: EvalContext, options: Mapping[str, Any]) -> dict[str, Any]:
+        """The built-in model's mosaic layout (two 2x2 frame mosaics per clip) and, for the hybrid
+        mode, the adapter trained for this model when its checkpoint ships one."""
+        out: dict[str, Any] = {"mosaic": 2} if model.builtin else {}
+        adapter = model.artifact(ADAPTER_DIR)
+        if adapter is not None and options.get("mode", cls.mode) == "hybrid":
+            out["adapter"] = str(adapter)
+        return out
+
+    @classmethod
+    def setting_label(cls, options: Mapping[str, Any]) -> str:
+        """The mode, then any option the mode's eval cell does not set itself (e.g. ``hybrid,p=4``)."""
+        mode = options.get("mode", cls.mode)
+        own = EVAL_MODES.get(mode, {})
+        extra = {k: v for k, v in options.items() if k not in ("mode", "ratio") and (k not in own or own[k] != v)}
+        return ",".join(x for x in (str(mode), super().setting_label(extra)) if x)
