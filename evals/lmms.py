@@ -52,7 +52,7 @@ def _lmms_base() -> type:
     except ImportError as exc:  # pragma: no cover - depends on the install
         raise ImportError(
             "lmms-eval is not installed; install it with `pip install --no-deps lmms-eval==0.7.3` "
-            "(see the README: its own pins conflict with the CPU torch wheel)"
+            "(see docs/evaluation.md: its own pins conflict with the CPU torch wheel)"
         ) from exc
     return lmms
 

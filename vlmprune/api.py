@@ -39,7 +39,7 @@ class Handle:
         return [m.config.stage for m in self.methods]
 
     def flops(self, inputs: dict[str, Any], generated_tokens: int = 0) -> Any:
-        """FLOPs of the last patched call on ``inputs`` (the README's convention), as a FlopsReport.
+        """FLOPs of the last patched call on ``inputs`` (the convention of docs/flops.md), as a FlopsReport.
 
         The LLM is counted at the padded length it really ran at, plus the method's own overhead.
         """

@@ -38,7 +38,7 @@ POSITION_CHOICES = (None, "contiguous", "original")
 class PreLLMConfig(MethodConfig):
     """Options every pre-LLM reduction shares. ``ratio``: fraction of visual tokens removed, in
     [0, 1). ``positions``: how kept tokens are numbered (None: the adapter's default, see the
-    README's "Positions after pruning")."""
+    "Positions after pruning" in docs/models.md)."""
 
     stage: ClassVar[Stage] = Stage.PRE_LLM
     ratio: float = 0.9
