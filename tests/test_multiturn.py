@@ -175,3 +175,18 @@ def test_flash_refuses_to_continue_on_a_filled_cache():
     with torch.no_grad(), pytest.warns(UserWarning, match="UNTRAINED"), vlmprune.apply(model, "flash"):
         with pytest.raises(ValueError, match="cannot continue on a filled KV cache"):
             _explicit_cache_turns(model, inputs, suppress=False)
+
+
+@pytest.mark.parametrize("vtu", ["fast", False])
+def test_dymu_second_turn_equals_a_fresh_run(vtu):
+    """DyMU keeps a full-length cache with VTU and a compact one without; both continue right."""
+    from test_dymu import tiny
+
+    from tiny import llava_inputs
+
+    model = tiny()
+    inputs = llava_inputs(model, batch=2)
+    with torch.no_grad(), vlmprune.apply(model, "dymu", thresholds=[0.2] * 4, vtu=vtu) as handle:
+        cached, fresh = _explicit_cache_turns(model, inputs)
+        assert handle.stats.records[0].visual_out[0] < handle.stats.records[0].visual_in[0]  # it merged
+    assert torch.equal(cached, fresh)

@@ -16,7 +16,6 @@ in a weak map keyed by the cache, so concurrent generations do not share it.
 from __future__ import annotations
 
 import contextlib
-import functools
 import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -189,6 +188,43 @@ def apply_reductions(
     return keep, out
 
 
+def continue_pruned(kwargs: dict, embeds: Tensor, state: DecodeState) -> dict:
+    """Decoder kwargs for a step on a cache whose prefill dropped columns: the mask continues the
+    short cache's, and positions continue from the prefill's numbering (1-D or M-RoPE axes)."""
+    n = embeds.shape[1]
+    mask = kwargs.get("attention_mask")
+    if mask is not None and isinstance(mask, Tensor) and mask.dim() == 2:
+        tail = mask[:, -n:].to(state.mask.dtype)
+        state.pass_mask = True
+    else:
+        tail = torch.ones(embeds.shape[0], n, dtype=state.mask.dtype, device=state.mask.device)
+    state.mask = torch.cat([state.mask, tail.to(state.mask.device)], dim=1)
+    pos_in = kwargs.get("position_ids")
+    axes = pos_in.shape[0] if isinstance(pos_in, Tensor) and pos_in.dim() == 3 else None
+    kwargs = dict(kwargs)
+    kwargs["position_ids"] = decode_positions(state.next_position, n, axes)
+    state.next_position = state.next_position + n
+    kwargs["attention_mask"] = state.mask if state.pass_mask else None
+    return kwargs
+
+
+def install_continuation(hooks: Any, model: Any, states: weakref.WeakKeyDictionary) -> None:
+    """Wrap ``generate`` on this instance so that a call continuing on a cache found in ``states``
+    (a later chat turn on a pruned cache) sees the cache at its unpruned length (:class:`VirtualLength`)."""
+    previous = model.__dict__.get("generate") or type(model).generate.__get__(model)
+
+    def generate(*args: Any, **kwargs: Any) -> Any:
+        _, cache = _cache_of(kwargs)
+        state = states.get(cache) if cache is not None else None
+        if state is None:
+            return previous(*args, **kwargs)
+        with VirtualLength.around(cache, state.removed):
+            return previous(*args, **kwargs)
+
+    generate.__doc__ = previous.__doc__
+    hooks.set_attr(model, "generate", generate)
+
+
 class PreLLMSeam:
     """Installs one pre-LLM method on one model instance through the adapter's seams."""
 
@@ -204,9 +240,7 @@ class PreLLMSeam:
         install_scope(self.adapter, hooks, self.handle)
         self.adapter.install_seam(hooks, self.handle)
         hooks.forward_pre(self.adapter.model, self._model_pre, with_kwargs=True)
-        model = self.adapter.model
-        previous = model.__dict__.get("generate") or type(model).generate.__get__(model)
-        hooks.set_attr(model, "generate", functools.partial(self._generate, previous))
+        install_continuation(hooks, self.adapter.model, self._states)
         hooks.forward_pre(self.adapter.decoder, self._decoder_pre, with_kwargs=True)
         # transformers' generate() encodes images before the first forward, outside any call this
         # seam can see; on this instance only, let the first forward encode them instead.
@@ -215,16 +249,6 @@ class PreLLMSeam:
             self.adapter.install_scoring(hooks, self.method.needs_scores, self.handle)
 
     # -- the seam -----------------------------------------------------------------------------
-    def _generate(self, generate: Any, *args: Any, **kwargs: Any) -> Any:
-        """``generate`` on this instance: a call that continues on a cache this seam pruned (a later
-        chat turn) sees the cache at its unpruned length, so the new tokens are sliced right."""
-        _, cache = _cache_of(kwargs)
-        state = self._states.get(cache) if cache is not None else None
-        if state is None:
-            return generate(*args, **kwargs)
-        with VirtualLength.around(cache, state.removed):
-            return generate(*args, **kwargs)
-
     def _model_pre(self, module: Any, args: tuple, kwargs: dict) -> None:
         """A later chat turn that passes the image again on a cache this seam pruned: say so before
         the stock model fails on the placeholder count."""
@@ -333,21 +357,7 @@ class PreLLMSeam:
         return pruned
 
     def _continue(self, kwargs: dict, embeds: Tensor, state: DecodeState) -> dict:
-        n = embeds.shape[1]
-        mask = kwargs.get("attention_mask")
-        if mask is not None and isinstance(mask, Tensor) and mask.dim() == 2:
-            tail = mask[:, -n:].to(state.mask.dtype)
-            state.pass_mask = True
-        else:
-            tail = torch.ones(embeds.shape[0], n, dtype=state.mask.dtype, device=state.mask.device)
-        state.mask = torch.cat([state.mask, tail.to(state.mask.device)], dim=1)
-        pos_in = kwargs.get("position_ids")
-        axes = pos_in.shape[0] if isinstance(pos_in, Tensor) and pos_in.dim() == 3 else None
-        kwargs = dict(kwargs)
-        kwargs["position_ids"] = decode_positions(state.next_position, n, axes)
-        state.next_position = state.next_position + n
-        kwargs["attention_mask"] = state.mask if state.pass_mask else None
-        return kwargs
+        return continue_pruned(kwargs, embeds, state)
 
 
 PreLLMMethod.seams = (PreLLMSeam,)

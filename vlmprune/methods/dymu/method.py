@@ -38,8 +38,9 @@ from vlmprune import context
 from vlmprune.method import Method, Stage
 from vlmprune.registry import register_method
 from vlmprune.seams.encoder import EmittedLayout, EncoderLayout, EncoderLayoutError
+from vlmprune.seams.pre_llm import DecodeState, continue_pruned, install_continuation
 from vlmprune.seams.scope import ensure_cache
-from vlmprune.sequence import decode_positions, default_positions, gather_columns, layer_mask, prune_sequence
+from vlmprune.sequence import default_positions, gather_columns, layer_mask, prune_sequence
 from vlmprune.stats import ForwardRecord
 
 from . import merge as tm
@@ -219,13 +220,6 @@ class VTUState:
     masks: dict[Any, Tensor] = field(default_factory=dict)
 
 
-@dataclass
-class DecodeState:
-    mask: Tensor
-    pass_mask: bool
-    next_position: Tensor
-
-
 def collapse_map(
     visual: Tensor, groups: list[Any], members: list[Tensor], real: Tensor
 ) -> tuple[Tensor, list[int]]:
@@ -308,6 +302,7 @@ class DyMU(Method):
             Merger(self.layout, rule, self._current_run, self._start_run).install(hooks)
             hooks.forward(self.layout.projector, self._on_projector)
         hooks.forward_pre(self.adapter.decoder, self._decoder_pre, with_kwargs=True)
+        install_continuation(hooks, self.adapter.model, self._decode)
         if self.kernel != "off":
             for i in range(len(self.adapter.decoder_layers)):
                 attn = self.adapter.decoder_attention(i)
@@ -389,7 +384,7 @@ class DyMU(Method):
             return args, self._prefill(module, kwargs, embeds, runs, ctx, cache_key, cache)
         state = self._decode.get(cache) if cache is not None else None
         if state is not None:
-            return args, self._continue(kwargs, embeds, state)
+            return args, continue_pruned(kwargs, embeds, state)
         return None
 
     def _prefill(self, module: Any, kwargs: dict, embeds: Tensor, runs: list[EncoderRun], ctx: Any,
@@ -460,29 +455,12 @@ class DyMU(Method):
                 kv_len = compact_real.sum(1).tolist()
                 if cache is not None:
                     state_mask = pruned.attention_mask if pruned.attention_mask is not None else compact_real.long()
-                    self._decode[cache] = DecodeState(state_mask, pruned.attention_mask is not None, pruned.next_position)
+                    self._decode[cache] = DecodeState(state_mask, pruned.attention_mask is not None, pruned.next_position,
+                                                      n - seq_len)
             llm_tokens = compact_real.sum(1).tolist()
         else:
             visual_out, seq_len, llm_tokens, kv_len = visual_in, n, real.sum(1).tolist(), real.sum(1).tolist()
         self._record(module, runs, visual_in.tolist(), visual_out.tolist(), llm_tokens, seq_len, kv_len, kept, ctx)
-        return kwargs
-
-    def _continue(self, kwargs: dict, embeds: Tensor, state: DecodeState) -> dict:
-        """Decode steps after a no-VTU prefill: the cache is short, continue its mask and numbering."""
-        q = embeds.shape[1]
-        mask = kwargs.get("attention_mask")
-        if isinstance(mask, Tensor) and mask.dim() == 2:
-            tail = mask[:, -q:].to(state.mask.dtype)
-            state.pass_mask = True
-        else:
-            tail = torch.ones(embeds.shape[0], q, dtype=state.mask.dtype, device=state.mask.device)
-        state.mask = torch.cat([state.mask, tail.to(state.mask.device)], dim=1)
-        kwargs = dict(kwargs)
-        pos_in = kwargs.get("position_ids")
-        axes = pos_in.shape[0] if isinstance(pos_in, Tensor) and pos_in.dim() == 3 else None
-        kwargs["position_ids"] = decode_positions(state.next_position, q, axes)
-        state.next_position = state.next_position + q
-        kwargs["attention_mask"] = state.mask if state.pass_mask else None
         return kwargs
 
     # -- VTU attention ----------------------------------------------------------------------------
