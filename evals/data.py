@@ -682,27 +682,31 @@ def video_split(split: str, n: int, directory: str | os.PathLike, progress: bool
         from tqdm import tqdm
 
         indices = tqdm(indices, desc=f"videos ({split})", unit="clip")
-    out = []
-    for i in indices:
-        sample = make_video(split, i)
-        path = directory / f"{split}-{i}.mp4"
-        frames = None
-        if path.is_file():
-            try:
-                frames = read_video(path)
-            except VideoReadError:
-                frames = None
-            if frames is not None and (
-                frames.shape != sample.frames.shape or np.abs(frames.astype(np.int16) - sample.frames).mean() > 8.0
-            ):
-                frames = None
-        if frames is None:
-            write_mp4(sample.frames, path)
+    return [video_clip(split, i, directory) for i in indices]
+
+
+def video_clip(split: str, index: int, directory: str | os.PathLike) -> VideoSample:
+    """Clip ``index`` of ``split`` as it is read back from its mp4 file (see :func:`video_split`)."""
+    directory = Path(directory)
+    sample = make_video(split, index)
+    path = directory / f"{split}-{index}.mp4"
+    frames = None
+    if path.is_file():
+        try:
             frames = read_video(path)
-        sample.frames = frames
-        sample.path = str(path)
-        out.append(sample)
-    return out
+        except VideoReadError:
+            frames = None
+        if frames is not None and (
+            frames.shape != sample.frames.shape or np.abs(frames.astype(np.int16) - sample.frames).mean() > 8.0
+        ):
+            frames = None
+    if frames is None:
+        directory.mkdir(parents=True, exist_ok=True)
+        write_mp4(sample.frames, path)
+        frames = read_video(path)
+    sample.frames = frames
+    sample.path = str(path)
+    return sample
 
 
 def mosaic(frames: np.ndarray) -> list[np.ndarray]:

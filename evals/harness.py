@@ -262,18 +262,45 @@ def _balanced_pick(questions: Sequence[Any], order: Sequence[str], i: int) -> An
     return questions[i % len(questions)]
 
 
+#: above this many samples a task's items are made on demand, batch by batch, instead of held in
+#: memory for the whole grid (an image item holds ~150 KB, a clip ~1.2 MB): memory stays flat
+#: whatever ``--limit`` is, at the cost of remaking the items for every cell
+KEEP_ITEMS = {"image": 2000, "video": 500}
+
+
+class LazyItems(Sequence):
+    """``n`` items, item ``i`` made by ``make(i)`` when asked for (slices give lists)."""
+
+    def __init__(self, n: int, make: Any) -> None:
+        self.n, self.make = n, make
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: Any) -> Any:
+        if isinstance(i, slice):
+            return [self.make(j) for j in range(*i.indices(self.n))]
+        if not -self.n <= i < self.n:
+            raise IndexError(i)
+        return self.make(i % self.n)
+
+
+def _items(n: int, make: Any, kind: str) -> Sequence[Any]:
+    return [make(i) for i in range(n)] if n <= KEEP_ITEMS[kind] else LazyItems(n, make)
+
+
 @lru_cache(maxsize=4)
-def _images(n: int) -> tuple[Any, ...]:
+def _images(n: int) -> Sequence[Any]:
     from . import data
 
-    return tuple(data.image_split("test", n))
+    return _items(n, lambda i: data.make_image("test", i), "image")
 
 
 @lru_cache(maxsize=4)
-def _videos(n: int, directory: str) -> tuple[Any, ...]:
+def _videos(n: int, directory: str) -> Sequence[Any]:
     from . import data
 
-    return tuple(data.video_split("test", n, directory))
+    return _items(n, lambda i: data.video_clip("test", i, directory), "video")
 
 
 def _forward_inputs(em: EvalModel, inputs: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -349,11 +376,14 @@ class ImageMC(MultipleChoiceTask):
     def load(self, limit: int, data_dir: Path) -> list[Item]:
         from . import builtin, data
 
-        out = []
-        for i, s in enumerate(_images(limit)):
+        samples = _images(limit)
+
+        def item(i: int) -> Item:
+            s = samples[i]
             q = _balanced_pick(s.questions, data.IMAGE_QTYPES, i)
-            out.append(Item(f"{s.uid}/{q.qtype}", q.qtype, builtin.image_prompt(q.words), (s.image,), q.answer, q.choices))
-        return out
+            return Item(f"{s.uid}/{q.qtype}", q.qtype, builtin.image_prompt(q.words), (s.image,), q.answer, q.choices)
+
+        return _items(len(samples), item, "image")
 
 
 class ImageShort(ImageMC):
@@ -377,12 +407,15 @@ class VideoMC(MultipleChoiceTask):
     def load(self, limit: int, data_dir: Path) -> list[Item]:
         from . import builtin, data
 
-        out = []
-        for i, v in enumerate(_videos(limit, str(data_dir))):
+        clips = _videos(limit, str(data_dir))
+
+        def item(i: int) -> Item:
+            v = clips[i]
             q = _balanced_pick(v.questions, data.VIDEO_QTYPES, i)
             imgs = tuple(data.mosaic(v.frames))
-            out.append(Item(f"{v.uid}/{q.qtype}", q.qtype, builtin.image_prompt(q.words, len(imgs)), imgs, q.answer, q.choices))
-        return out
+            return Item(f"{v.uid}/{q.qtype}", q.qtype, builtin.image_prompt(q.words, len(imgs)), imgs, q.answer, q.choices)
+
+        return _items(len(clips), item, "video")
 
 
 class VideoCaption(_BuiltinTask):
@@ -396,11 +429,14 @@ class VideoCaption(_BuiltinTask):
     def load(self, limit: int, data_dir: Path) -> list[Item]:
         from . import builtin, data
 
-        out = []
-        for v in _videos(limit, str(data_dir)):
+        clips = _videos(limit, str(data_dir))
+
+        def item(i: int) -> Item:
+            v = clips[i]
             imgs = tuple(data.mosaic(v.frames))
-            out.append(Item(f"{v.uid}/caption", "caption", builtin.caption_prompt(len(imgs)), imgs, v.caption))
-        return out
+            return Item(f"{v.uid}/caption", "caption", builtin.caption_prompt(len(imgs)), imgs, v.caption)
+
+        return _items(len(clips), item, "video")
 
     def evaluate(self, em: EvalModel, items: Sequence[Item], inputs: dict[str, Tensor]) -> BatchResult:
         words, counts = greedy(em, inputs, CAPTION_MAX_NEW_TOKENS)

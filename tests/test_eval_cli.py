@@ -303,3 +303,23 @@ def test_bench_counts_are_checked(argv, needle, capsys):
     err = capsys.readouterr().err
     assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
     assert err.startswith("vlmprune bench: error:") and needle in err
+
+
+def test_large_limits_make_items_on_demand_with_identical_rows(monkeypatch, tmp_path):
+    """Above KEEP_ITEMS a task's items are made batch by batch (memory does not grow with --limit);
+    the rows are the same as with the items held in memory."""
+    from vlmprune.evals import harness
+
+    em = harness.load_model(None)
+    kwargs = dict(limit=6, batch_size=4, progress=False, data_dir=tmp_path)
+    held = harness.run_eval(em, ["image_mc", "video_mc"], ["none", "random"], [0.9], **kwargs)
+    monkeypatch.setattr(harness, "KEEP_ITEMS", {"image": 2, "video": 2})
+    harness._images.cache_clear()
+    harness._videos.cache_clear()
+    items = harness.TASKS["image_mc"]().load(6, tmp_path)
+    assert isinstance(items, harness.LazyItems) and len(items) == 6 and len(items[2:5]) == 3
+    lazy = harness.run_eval(em, ["image_mc", "video_mc"], ["none", "random"], [0.9], **kwargs)
+    harness._images.cache_clear()
+    harness._videos.cache_clear()
+    keys = ("task", "method", "accuracy", "tflops", "n")
+    assert [tuple(r[k] for k in keys) for r in held] == [tuple(r[k] for k in keys) for r in lazy]
