@@ -44,8 +44,8 @@ class SlowFastConfig(MethodConfig):
     """Options (see the module docstring for the modes).
 
     Fast pathway (``fast`` / ``hybrid``): ``s`` temporal sampling stride, ``t`` temporal pooling
-    stride, ``p`` spatial stride, ``min_fast_frames`` (spec §3); ``video_pooling_stride``: the
-    initial per-frame spatial pooling both pathways start from (spec §2).
+    stride, ``p`` spatial stride, ``min_fast_frames``; ``video_pooling_stride``: the
+    initial per-frame spatial pooling both pathways start from (the paper's first step).
     Hybrid layers: ``layers`` (explicit indices) or ``range(min_layer, max_layer, every_n_layers)``
     (``max_layer=None``: all layers); ``cross_attn_impl``; ``init_kv_from_lm`` (kv_proj starts as
     the layer's own [k_proj; v_proj]); ``cross_attn_during_decode`` (False: generated tokens get
