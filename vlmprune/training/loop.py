@@ -155,3 +155,22 @@ def add_run_args(p: Any) -> None:
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-resume", action="store_true", help="start afresh even if a resume state exists")
+
+
+def prepare_run(args: Any, positive: tuple[str, ...], outputs: tuple[tuple[str, Any], ...] = ()) -> None:
+    """What every trainer checks before it loads a model: thread count, options that must be >= 1,
+    that ``--data`` exists and that ``--output`` (and any other ``(flag, path)`` in ``outputs``) can
+    be written, so a bad path fails in one line instead of after minutes of work."""
+    from vlmprune.files import writable_dir
+
+    from .data import check_data
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    bad = [name for name in positive if getattr(args, name) < 1]
+    if bad:
+        raise ValueError(f"{', '.join('--' + n.replace('_', '-') for n in bad)} must be positive")
+    check_data(args.data)
+    writable_dir(args.output)
+    for flag, path in outputs:
+        writable_dir(path, flag)

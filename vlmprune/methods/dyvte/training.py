@@ -25,13 +25,11 @@ import torch
 from torch import Tensor, nn
 
 import vlmprune
-from vlmprune.files import writable_dir
-from vlmprune.training import LoopConfig, add_run_args, train_loop
+from vlmprune.training import LoopConfig, add_run_args, prepare_run, train_loop
 from vlmprune.training.data import (
     Batch,
     answer_batches,
     answer_labels,
-    check_data,
     load_model,
     train_and_held_out,
 )
@@ -192,12 +190,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    if args.steps < 1 or args.batch_size < 1 or args.width < 1:
-        raise ValueError("--steps, --batch-size and --width must be positive")
-    writable_dir(args.output)
-    check_data(args.data)
+    prepare_run(args, ("steps", "batch_size", "width"))
     began = time.time()
     model, processor = load_model(args.model, args.device)
     batches, held_out = train_and_held_out(processor, args, builtin_batches)

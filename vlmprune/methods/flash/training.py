@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from vlmprune.training import LoopConfig, add_run_args, train_loop
+from vlmprune.training import LoopConfig, add_run_args, prepare_run, train_loop
 
 from .draft import DraftHead, DraftSpec, draft_context, draft_loss, save_draft
 
@@ -218,19 +218,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     from vlmprune.adapters import for_model
-    from vlmprune.files import writable_dir
-    from vlmprune.training.data import check_data, load_model
+    from vlmprune.training.data import load_model
 
     args = build_parser().parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    if min(args.samples, args.steps, args.batch_size, args.max_new_tokens) < 1:
-        raise ValueError("--samples, --steps, --batch-size and --max-new-tokens must be positive")
-    if args.k < 1:
-        raise ValueError(f"--k must be >= 1, got {args.k}")
-    out = writable_dir(args.output)
-    writable_dir(args.state_dir or out.parent / f"{out.name}-train-state", "--state-dir")
-    check_data(args.data)
+    out = Path(args.output)
+    prepare_run(args, ("samples", "steps", "batch_size", "max_new_tokens", "k"),
+                (("--state-dir", args.state_dir or out.parent / f"{out.name}-train-state"),))
     began = time.time()
     model, processor = load_model(args.model, args.device)
     out.mkdir(parents=True, exist_ok=True)
