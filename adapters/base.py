@@ -140,6 +140,22 @@ class Adapter:
         """FLOPs the captured scoring costs in this call (a method's overhead in the FLOPs report)."""
         return 0.0
 
+    def vision_signals(self, ctx: context.CallContext, groups: list[VisualGroup], needs: frozenset[str]) -> None:
+        """Fill the vision-side signals ``needs`` ("vision": what the projector receives per grid
+        token, the [CLS] row and the projector itself; "keys": the scoring layer's head-averaged
+        keys) into ``groups``, from what :meth:`install_signals` captured during this call."""
+        raise ValueError(
+            f"vlmprune: {self.family or type(self).__name__} models do not provide the vision-side "
+            f"signal(s) {', '.join(sorted(needs))} this method needs"
+        )
+
+    def install_signals(self, hooks: Any, needs: frozenset[str], handle: Any) -> None:
+        """Capture, during the vision tower's forward, what :meth:`vision_signals` needs."""
+        raise ValueError(
+            f"vlmprune: {self.family or type(self).__name__} models do not provide the vision-side "
+            f"signal(s) {', '.join(sorted(needs))} this method needs"
+        )
+
     def install_scoring(self, hooks: Any, kind: str, handle: Any) -> None:
         """Capture what the [CLS] score needs during the vision tower's forward."""
         raise TypeError(f"{type(self).__name__} must implement install_scoring()")

@@ -25,6 +25,7 @@ class CallContext:
     columns: Any = None  # column map of the last pruning, for labels
     visual: Any = None  # (B, n) bool: visual columns of the sequence the decoder received
     llm_state: Any = None  # the in-LLM seam's state for this call (vlmprune.seams.in_llm.ExitState)
+    decision_flops: float = 0.0  # the pre-LLM method's own decision cost in this call (e.g. a DPP)
     token: contextvars.Token | None = None
     depth: int = 0
     serial: int = field(default_factory=lambda: next(_SERIALS))  # tells the records of one call apart

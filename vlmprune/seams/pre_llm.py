@@ -1,9 +1,11 @@
 """The pre-LLM seam: one place where visual tokens leave the sequence before the decoder.
 
 Contract: a method at this seam subclasses :class:`PreLLMMethod` and implements ``reduce(group)``,
-a pure decision over one :class:`VisualGroup` (one image, crop, tile or frame, with the importance
-signal it asked for in ``needs_scores``) returning a :class:`Reduction` (which grid tokens survive,
-optionally as weighted averages). The seam does everything else, the same way for every method.
+a pure decision over one :class:`VisualGroup` (one image, crop, tile or frame, with the signals it
+asked for: an importance score through ``needs_scores``, and through ``needs`` the group's LLM-input
+features, the instruction's embeddings, or vision-side signals the adapter captures) returning a
+:class:`Reduction` (which grid tokens survive, optionally as weighted averages or as new
+embeddings). The seam does everything else, the same way for every method.
 
 The stock model runs as usual up to its decoder call (vision tower, projector, placeholder
 scatter, Qwen2-VL's M-RoPE positions). A forward pre-hook on the decoder then removes the
@@ -17,7 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import weakref
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -62,14 +64,42 @@ class VisualGroup:
     grid: tuple[int, int]  # (h, w) with h * w == n
     scores: Tensor | None = None  # (n,) importance, when the method asked for it
     kind: str = "image"
+    # -- signals a method asks for in ``PreLLMMethod.needs`` (None otherwise) --------------------
+    #: (n, D) the LLM-input embeddings of the grid tokens (projector outputs); rows of members the
+    #: stock model does not feed to the LLM (column -1) are zeros ("features")
+    features: Tensor | None = None
+    #: (t, D) LLM-input embeddings of the sample's instruction: its real text tokens after its last
+    #: visual token ("instruction")
+    instruction: Tensor | None = None
+    #: (n, C) what the projector receives for each grid token, from the vision tower ("vision")
+    vision: Tensor | None = None
+    #: (C,) the [CLS] row of the feature layer's hidden states, for towers that have one ("vision")
+    vision_cls: Tensor | None = None
+    #: (n, d) keys of the scoring attention layer per grid token, averaged over heads ("keys")
+    keys: Tensor | None = None
+    #: maps rows shaped like ``vision`` (and ``vision_cls``) to LLM-input embeddings ("vision")
+    project: Callable[[Tensor], Tensor] | None = None
+
+    @property
+    def present(self) -> Tensor:
+        """(n,) bool: grid tokens the stock model feeds to the LLM."""
+        return self.columns >= 0
 
 
 @dataclass
 class Reduction:
-    """A method's decision for one group: which grid tokens survive, optionally as averages."""
+    """A method's decision for one group: which grid tokens survive, optionally as averages or as
+    new embeddings.
+
+    ``anchors`` are the columns that stay (and the positions they carry); ``tokens`` replaces what
+    those columns hold, row ``i`` going to ``anchors[i]``: a method that reorders or builds tokens
+    (merged contextual tokens, a [CLS] token) says it here. ``flops``: the decision's own cost,
+    added to the call's overhead in ``handle.stats``."""
 
     anchors: Tensor  # (k,) grid indices, ascending; each becomes one LLM token at that anchor
     weights: Tensor | None = None  # (k, n) rows of averaging weights; None = plain selection
+    tokens: Tensor | None = None  # (k, D) LLM-input embeddings for the anchors; None = keep / average
+    flops: float = 0.0
 
 
 
@@ -80,6 +110,9 @@ class PreLLMMethod(Method):
 
     #: signal the adapter must capture for ``VisualGroup.scores`` ("cls" or None)
     needs_scores: ClassVar[str | None] = None
+    #: further signals filled into each :class:`VisualGroup`: "features", "instruction" (the seam
+    #: fills them), "vision", "keys" (the adapter captures them in the vision tower)
+    needs: ClassVar[frozenset[str]] = frozenset()
 
     def reduce(self, group: VisualGroup, generator: torch.Generator | None = None) -> Reduction:
         raise TypeError(f"{type(self).__name__} must implement reduce()")
@@ -174,7 +207,17 @@ def apply_reductions(
         keep[group.sample, cols[present]] = False
         anchors = red.anchors.to(embeds.device)
         anchor_cols = cols[anchors]
-        if red.weights is not None:
+        if red.tokens is not None:
+            if red.tokens.shape[0] != anchors.numel():
+                raise ValueError(
+                    f"vlmprune: a reduction gave {red.tokens.shape[0]} tokens for {anchors.numel()} anchors"
+                )
+            if out is embeds:
+                out = embeds.clone()
+            ok = anchor_cols >= 0
+            out[group.sample, anchor_cols[ok]] = red.tokens.to(embeds.device, embeds.dtype)[ok]
+            anchor_cols = anchor_cols[ok]
+        elif red.weights is not None:
             if out is embeds:
                 out = embeds.clone()
             w = red.weights.to(embeds.device, torch.float32) * present.float().unsqueeze(0)
@@ -186,6 +229,35 @@ def apply_reductions(
             anchor_cols = anchor_cols[ok]
         keep[group.sample, anchor_cols[anchor_cols >= 0]] = True
     return keep, out
+
+
+#: signals the seam fills from the decoder's input itself; the rest come from the adapter
+SEAM_SIGNALS = frozenset({"features", "instruction"})
+SIGNALS = SEAM_SIGNALS | {"vision", "keys"}
+
+
+def fill_signals(groups: list[VisualGroup], needs: set[str], embeds: Tensor, visual: Tensor,
+                 mask: Tensor | None) -> None:
+    """Fill the groups' ``features`` / ``instruction`` from the decoder's input embeddings."""
+    unknown = needs - SIGNALS
+    if unknown:
+        raise ValueError(f"vlmprune: unknown pre-LLM signal(s) {sorted(unknown)}; known: {sorted(SIGNALS)}")
+    if "features" in needs:
+        for group in groups:
+            cols = group.columns.to(embeds.device)
+            feats = embeds[group.sample, cols.clamp(min=0)]
+            group.features = feats * (cols >= 0).unsqueeze(1).to(feats.dtype)
+    if "instruction" in needs:
+        real = mask.bool().to(visual.device) if mask is not None else torch.ones_like(visual)
+        positions = torch.arange(visual.shape[1], device=visual.device)
+        cache: dict[int, Tensor] = {}
+        for group in groups:
+            b = group.sample
+            if b not in cache:
+                last = int(torch.where(visual[b], positions, -1).max())
+                text = real[b] & ~visual[b] & (positions > last)
+                cache[b] = embeds[b, text.to(embeds.device)]
+            group.instruction = cache[b]
 
 
 def continue_pruned(kwargs: dict, embeds: Tensor, state: DecodeState) -> dict:
@@ -247,6 +319,9 @@ class PreLLMSeam:
         hooks.set_attr(self.adapter.model, "_supports_mm_encoder_outputs", lambda: False)
         if self.method.needs_scores:
             self.adapter.install_scoring(hooks, self.method.needs_scores, self.handle)
+        vision_side = frozenset(self.method.needs) - SEAM_SIGNALS
+        if vision_side:
+            self.adapter.install_signals(hooks, vision_side, self.handle)
 
     # -- the seam -----------------------------------------------------------------------------
     def _model_pre(self, module: Any, args: tuple, kwargs: dict) -> None:
@@ -295,7 +370,7 @@ class PreLLMSeam:
                 f"{type(mask).__name__} mask. Static / compiled caches are not supported with pruning."
             )
         bsz, length = embeds.shape[:2]
-        keep, new_embeds = self._reduce(ctx, embeds, visual)
+        keep, new_embeds = self._reduce(ctx, embeds, visual, mask)
         pos = kwargs.get("position_ids")
         if pos is None:
             pos = default_positions(mask, bsz, length, 0, embeds.device)
@@ -331,16 +406,23 @@ class PreLLMSeam:
                 positions=self.positions,
                 scoring=self.adapter.score_kind if self.method.needs_scores else None,
                 attn_backend=getattr(module.config, "_attn_implementation", None),
-                overhead_flops=self.adapter.scoring_flops(ctx) if self.method.needs_scores else 0.0,
+                overhead_flops=(self.adapter.scoring_flops(ctx) if self.method.needs_scores else 0.0)
+                + float(getattr(ctx, "decision_flops", 0.0) or 0.0),
                 call=ctx.serial,
             )
         )
         return kwargs
 
-    def _reduce(self, ctx: Any, embeds: Tensor, visual: Tensor) -> tuple[Tensor, Tensor]:
+    def _reduce(self, ctx: Any, embeds: Tensor, visual: Tensor, mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """The keep mask over columns and the (possibly averaged) embeddings: one decision per
         visual group. Seams whose reductions span several groups (video frames) override this."""
         groups = self.adapter.visual_groups(ctx, visual, self.method.needs_scores)
+        needs = set(self.method.needs)
+        if needs:
+            fill_signals(groups, needs, embeds, visual, mask)
+            vision_side = needs - SEAM_SIGNALS
+            if vision_side:
+                self.adapter.vision_signals(ctx, groups, frozenset(vision_side))
         reductions = []
         per_sample_index: dict[int, int] = {}
         seed = getattr(self.method.config, "seed", 0)
@@ -349,6 +431,7 @@ class PreLLMSeam:
             per_sample_index[group.sample] = i + 1
             gen = torch.Generator().manual_seed(seed * 1_000_003 + i)  # batch-invariant draws
             reductions.append(self.method.reduce(group, gen))
+        ctx.decision_flops = sum(float(r.flops) for r in reductions)
         return apply_reductions(embeds, groups, reductions)
 
     def _adjust(self, ctx: Any, pruned: PrunedSequence, visual: Tensor) -> PrunedSequence:

@@ -189,7 +189,7 @@ class SlowFastSeam(PreLLMSeam):
         found = ctx.captured.get(_STATE)
         return found[-1] if found else None
 
-    def _reduce(self, ctx: Any, embeds: Tensor, visual: Tensor) -> tuple[Tensor, Tensor]:
+    def _reduce(self, ctx: Any, embeds: Tensor, visual: Tensor, mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
         cfg: SlowFastConfig = self.method.config
         opts = self.method.fast_options()
         groups = self.adapter.visual_groups(ctx, visual, None)
