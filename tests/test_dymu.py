@@ -374,6 +374,23 @@ def test_calibration_hits_target_and_is_deterministic():
         assert handle.stats.last.image_tokens == kept[:4]
 
 
+def test_calibration_spread_over_all_blocks_is_the_reference_schedule():
+    """spread="all": r_total is shared over all 4 blocks as the reference does, so the three blocks up to
+    the feature layer merge the first three shares only and more tokens stay than the target."""
+    model = tiny(seed=2)
+    pv = images(16, seed=4)
+    ref = cal.calibrate(model, pv, 20, batch_size=8, match_target=False, spread="all")
+    mine = cal.calibrate(model, pv, 20, batch_size=8, match_target=False)
+    r_total = N_PATCH - 20
+    assert ref["spread_blocks"] == 4 and mine["spread_blocks"] == 3
+    expected = cal._batch_pass(model, cal._batches(model, pv, 8), tm.schedule(r_total, 4, "constant")[:3])
+    assert ref["thresholds"][:3] == pytest.approx(expected[:3])
+    assert ref["thresholds"][:3] != pytest.approx(mine["thresholds"][:3])
+    assert ref["calib_mean_tokens"] > mine["calib_mean_tokens"]
+    with pytest.raises(ValueError, match="spread must be one of"):
+        cal.calibrate(model, pv, 20, spread="last")
+
+
 def test_thresholds_file_round_trip_and_errors(tmp_path):
     model = tiny()
     res = cal.calibrate(model, images(8), 30, batch_size=8)

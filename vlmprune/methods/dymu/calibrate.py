@@ -37,6 +37,7 @@ import torch
 from torch import Tensor
 
 from vlmprune.hooks import HookSet
+from vlmprune.method import check_choice
 from vlmprune.seams.encoder import EmittedLayout
 
 from . import merge as tm
@@ -47,6 +48,8 @@ from .thresholds import preset_dir, save_thresholds
 #: low / mid / high means of about 89 / 195 / 394 of 576, i.e. ~15 / 34 / 68 %; "low" is 19 % because the
 #: built-in tower merges in only 3 blocks, each of which can at most halve the sequence)
 PRESET_TARGETS = {"low": 48, "mid": 90, "high": 170}
+#: how ``r_total`` is spread over the tower's blocks (see :func:`calibrate`)
+SPREADS = ("merging", "all")
 
 
 class _Slot:
@@ -219,6 +222,7 @@ def calibrate(
     batch_size: int = 32,
     schedule: str = "constant",
     match_target: bool = True,
+    spread: str = "merging",
     tolerance: float = 0.02,
     max_rounds: int = 8,
     progress: bool = False,
@@ -227,7 +231,12 @@ def calibrate(
     """Per-block thresholds so that images keep ``target_tokens`` patch tokens on average (see module doc).
     ``pixel_values`` and ``processor_outputs``: the processor's outputs for the calibration images, as the
     model takes them (e.g. the grids that come with packed patches, ``image_sizes=...`` with 5-D AnyRes
-    crops); ``batch_size`` images per encoder call. Returns the thresholds file's content (:func:`write`)."""
+    crops); ``batch_size`` images per encoder call. ``spread``: the blocks the schedule spreads ``r_total``
+    over: ``"merging"`` (default) the blocks whose merges reach the features (up to the feature block),
+    ``"all"`` every block of the tower, as the reference code does (for a tower read at its second-to-last
+    block, the last block's share is never merged, so fewer merges happen than ``r_total``).
+    Returns the thresholds file's content (:func:`write`)."""
+    check_choice("spread", spread, SPREADS)
     check_target(model, target_tokens, pixel_values, **processor_outputs)
     _, layout = _layout(model)
     n_patches = patch_count(model, pixel_values, **processor_outputs)
@@ -240,8 +249,10 @@ def calibrate(
 
         bar = tqdm(total=0, unit="img", desc=f"dymu calibrate ({target_tokens} tokens)", file=sys.stderr)
 
+    spread_over = merging if spread == "merging" or _is_post(layout) else max(merging, len(layout.blocks))
+
     def attempt(r_total: int) -> tuple[list[float], float, list[float]]:
-        r = tm.schedule(r_total, merging, schedule)
+        r = tm.schedule(r_total, spread_over, schedule)[:merging]
         if bar is not None:
             bar.total += n_images
             bar.refresh()
@@ -278,6 +289,8 @@ def calibrate(
         "r_total": int(r_total),
         "r_reference": int(n_patches - target_tokens),
         "schedule": schedule,
+        "spread": spread,
+        "spread_blocks": int(spread_over),
         "n_images": int(n_images),
         "calib_mean_tokens": float(mean),
         "calib_block_mean_tokens": [float(m) for m in means],
@@ -370,6 +383,10 @@ def main(argv: list[str] | None = None, prog: str = "vlmprune calibrate") -> int
     parser.add_argument("--schedule", choices=["constant", "linear", "reverse_linear"], default="constant")
     parser.add_argument("--no-match", action="store_true",
                         help="keep the reference r_total = N - target (no correction to hit the target in threshold mode)")
+    parser.add_argument("--spread", choices=SPREADS, default="merging",
+                        help="blocks the merge schedule spreads r_total over: 'merging' (default) the blocks up to the "
+                             "feature block, 'all' every block of the tower as the reference code does "
+                             "(with --no-match: the reference procedure exactly)")
     parser.add_argument("--presets", action="store_true",
                         help="write the built-in model's low/mid/high presets (ignores the other options but --images)")
     args = parser.parse_args(argv)
@@ -390,7 +407,7 @@ def main(argv: list[str] | None = None, prog: str = "vlmprune calibrate") -> int
         print(f"{prog}: {exc}", file=sys.stderr)
         return 2
     result = calibrate(model, pv, args.target_tokens, batch_size=args.batch_size, schedule=args.schedule,
-                       match_target=not args.no_match, progress=True, **extras)
+                       match_target=not args.no_match, spread=args.spread, progress=True, **extras)
     path = write(args.output, model, {**result, "model": args.model})
     print(f"mean kept tokens {result['calib_mean_tokens']:.1f} (target {args.target_tokens}) -> {path}")
     return 0
