@@ -179,6 +179,85 @@ def test_no_merge_keeps_order_and_values():
     assert tm.attention_bias(tm.MergeState.start(1, 4, "cpu"), torch.float32) is None
 
 
+def _tome_reference(x, size, r, class_token):
+    """ToMe's batch-size-1 bipartite soft matching and size-weighted merge, written literally:
+    A = even, B = odd tokens; the r best edges merge; the output is [unmerged A ; B], unmerged A
+    re-sorted by index only with a class token (else left in descending-score order)."""
+    m = x / x.norm(dim=-1, keepdim=True)
+    scores = m[:, ::2] @ m[:, 1::2].transpose(-1, -2)
+    if class_token:
+        scores[:, 0, :] = -math.inf
+    node_max, node_idx = scores.max(dim=-1)
+    edge_idx = node_max.argsort(dim=-1, descending=True, stable=True)[..., None]
+    unm_idx, src_idx = edge_idx[:, r:, :], edge_idx[:, :r, :]
+    dst_idx = node_idx[..., None].gather(dim=-2, index=src_idx)
+    if class_token:
+        unm_idx = unm_idx.sort(dim=1)[0]
+
+    def merge(t):
+        src, dst = t[:, ::2], t[:, 1::2]
+        c = t.shape[-1]
+        unm = src.gather(dim=-2, index=unm_idx.expand(-1, -1, c))
+        src = src.gather(dim=-2, index=src_idx.expand(-1, -1, c))
+        dst = dst.scatter_reduce(-2, dst_idx.expand(-1, -1, c), src, reduce="sum")
+        return torch.cat([unm, dst], dim=1)
+
+    w = merge(x * size[..., None])
+    s = merge(size[..., None])
+    return w / s, s[..., 0]
+
+
+@pytest.mark.parametrize("class_token", [True, False])
+def test_merge_layout_equals_tome_batch_size_one(class_token):
+    """The layout after each merge is ToMe's: [unmerged A ; B]; without a [CLS] token the reference
+    leaves the unmerged A tokens in descending-score order (``unmerged_by_score``)."""
+    x = _clustered(bsz=1, n=32, seed=7)
+    state = tm.MergeState.start(1, x.shape[1], "cpu")
+    ref, ref_size = x, torch.ones(1, x.shape[1])
+    for r in (6, 5, 4):
+        match = tm.bipartite_match(x, state.valid, class_token)
+        order = match.score.argsort(dim=1, descending=True, stable=True)
+        merge = torch.zeros_like(match.score, dtype=torch.bool)
+        merge[0, order[0, :r]] = True
+        x, state = tm.merge_tokens(x, state, match, merge, unmerged_by_score=not class_token)
+        ref, ref_size = _tome_reference(ref, ref_size, r, class_token)
+        assert torch.allclose(x, ref, atol=1e-5)
+        assert torch.equal(state.size, ref_size)
+
+
+def test_reference_order_without_vtu_feeds_the_emitted_order():
+    """order="reference", vtu=False: the LLM receives the merged tokens in the order the encoder emitted
+    them (ToMe's layout, not re-sorted), with consecutive positions; canonical order is the sorted one."""
+    model = tiny(seed=3)
+    inputs = prompt(images(1, seed=2), [3], [2])
+    seen: dict = {}
+    proj = model.model.multi_modal_projector
+    first = proj.register_forward_hook(lambda m, a, out: seen.__setitem__("projected", out.detach().clone()))
+    try:
+        for order in ("canonical", "reference"):
+            with vlmprune.apply(model, vlmprune.DyMUConfig(thresholds=thresholds(model), vtu=False, order=order)) as h:
+                grab = model.model.language_model.register_forward_pre_hook(
+                    lambda m, a, kw: seen.__setitem__(order, kw["inputs_embeds"].detach().clone()), with_kwargs=True)
+                model(**inputs)
+                grab.remove()
+                k = h.stats.last.image_tokens[0]
+            assert k < N_PATCH
+            seen[order + "_rows"] = seen["projected"][0]
+            seen[order + "_k"] = k
+    finally:
+        first.remove()
+    k = seen["reference_k"]
+    assert seen["canonical_k"] == k
+    ref_rows, can_rows = seen["reference_rows"], seen["canonical_rows"]
+    assert ref_rows.shape[0] == k and can_rows.shape[0] == k  # the projector ran on the compact tokens
+    assert torch.allclose(seen["reference"][0, 3 : 3 + k], ref_rows, atol=1e-6)
+    assert torch.allclose(seen["canonical"][0, 3 : 3 + k], can_rows, atol=1e-6)
+    assert not torch.allclose(ref_rows, can_rows)  # same tokens, another order
+    assert torch.allclose(ref_rows.sum(0), can_rows.sum(0), atol=1e-4)
+    with pytest.raises(ValueError, match="order must be one of"):
+        vlmprune.apply(model, "dymu", thresholds=thresholds(model), order="sorted")
+
+
 def test_batch_topk_rule_and_schedule():
     score = torch.tensor([[0.9, 0.1, -math.inf], [0.8, 0.95, 0.3]])
     match = tm.Matching(score, torch.zeros_like(score, dtype=torch.long))

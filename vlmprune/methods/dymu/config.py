@@ -12,6 +12,7 @@ from vlmprune.method import EvalContext, MethodConfig, Stage, axis_product
 
 PRESETS = ("low", "mid", "high")
 VTU_CHOICES = ("fast", "exact", False)
+ORDERS = ("canonical", "reference")
 
 
 class ThresholdsError(ValueError):
@@ -23,19 +24,26 @@ class DyMUConfig(MethodConfig):
     """``thresholds``: a JSON file from ``vlmprune calibrate dymu`` (or a list, one per vision block;
     None / inf = never merge). ``preset``: ``low`` / ``mid`` / ``high``, calibrated for the built-in
     model. ``vtu``: ``"fast"`` (default; expand q/k/v, stock attention, mean back), ``"exact"`` (the
-    paper's RoPE-decomposed scores, same output, eager maths) or False (no unmerging)."""
+    paper's RoPE-decomposed scores, same output, eager maths) or False (no unmerging). ``order``:
+    ``"canonical"`` (default; merged tokens sorted by their first original patch, the same for an
+    image alone or in any batch) or ``"reference"`` (the reference code's batch-size-1 order: ToMe's
+    [unmerged A ; B] layout kept to the end, unmerged A by score on towers without [CLS]; with
+    ``vtu=False`` the merged tokens enter the LLM in that order)."""
 
     method: ClassVar[str] = "dymu"
     stage: ClassVar[Stage] = Stage.ENCODER
     thresholds: Any = None
     preset: str | None = None
     vtu: Any = "fast"
+    order: str = "canonical"
 
     def validate(self) -> None:
         if (self.thresholds is None) == (self.preset is None):
             raise ValueError("dymu needs exactly one of thresholds='thresholds.json' (or a list) or preset='low'|'mid'|'high'")
         if self.preset is not None and self.preset not in PRESETS:
             raise ValueError(f"unknown DyMU preset {self.preset!r}; presets: {', '.join(PRESETS)} (built-in model only)")
+        if self.order not in ORDERS:
+            raise ValueError(f"order must be one of {', '.join(map(repr, ORDERS))}; got {self.order!r}")
         if self.vtu not in VTU_CHOICES or self.vtu is True:
             raise ValueError(f"vtu must be one of 'fast', 'exact' or False; got {self.vtu!r}")
         if isinstance(self.thresholds, (list, tuple)):

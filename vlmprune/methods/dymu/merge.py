@@ -109,10 +109,15 @@ def batch_topk_merges(match: Matching, r: int) -> tuple[Tensor, float]:
     return merge.view(bsz, na), tau
 
 
-def merge_tokens(x: Tensor, state: MergeState, match: Matching, merge: Tensor) -> tuple[Tensor, MergeState]:
+def merge_tokens(
+    x: Tensor, state: MergeState, match: Matching, merge: Tensor, unmerged_by_score: bool = False
+) -> tuple[Tensor, MergeState]:
     """Merge the chosen A tokens into their B partners (size-weighted average, sizes and membership
     summed), then lay each row out as ToMe does: [unmerged A ; all B] in their current relative order,
-    real tokens first, cut to the longest row. Rows that merge nothing keep their order unchanged."""
+    real tokens first, cut to the longest row. Rows that merge nothing keep their order unchanged.
+
+    ``unmerged_by_score``: order the unmerged A tokens by their best edge's score, highest first, as
+    ToMe leaves them when there is no [CLS] token to keep first (SigLIP in the reference code)."""
     bsz, n, c = x.shape
     merge = merge & torch.isfinite(match.score)
     xa, xb = x[:, ::2], x[:, 1::2]
@@ -132,7 +137,13 @@ def merge_tokens(x: Tensor, state: MergeState, match: Matching, merge: Tensor) -
     va, vb = state.valid[:, ::2], state.valid[:, 1::2]
     keep_a = va & ~merge
     big = n + 1
-    key_a = torch.where(keep_a, keep_a.long().cumsum(1) - 1, big)
+    if unmerged_by_score:
+        by_score = match.score.masked_fill(~keep_a, NEG).argsort(dim=1, descending=True, stable=True)
+        rank_a = torch.empty_like(by_score)
+        rank_a.scatter_(1, by_score, torch.arange(by_score.shape[1], device=x.device).expand_as(by_score))
+        key_a = torch.where(keep_a, rank_a, big)
+    else:
+        key_a = torch.where(keep_a, keep_a.long().cumsum(1) - 1, big)
     key_b = torch.where(vb, keep_a.sum(1, keepdim=True) + vb.long().cumsum(1) - 1, big)
     idx = torch.arange(n, device=x.device)
     # back in the interleaved layout: position 2i holds A_i, 2i+1 holds B_i

@@ -99,11 +99,12 @@ class Merger:
     block ``i``; ``current()`` finds this call's :class:`EncoderRun` (per-call context, or a local
     slot for calibration)."""
 
-    def __init__(self, layout: Any, rule: Any, current: Any, start: Any) -> None:
+    def __init__(self, layout: Any, rule: Any, current: Any, start: Any, order: str = "canonical") -> None:
         self.layout = layout
         self.rule = rule
         self.current = current
         self.start = start
+        self.order = order
 
     def install(self, hooks: Any) -> None:
         for i, block in enumerate(self.layout.blocks):
@@ -144,9 +145,10 @@ class Merger:
             if merge is not None:
                 run.match_flops += 2.0 * bsz * ((n + 1) // 2) * (n // 2) * metric.shape[-1]
         if merge is not None and bool(merge.any()):
-            x, state = tm.merge_tokens(x, state, match, merge)
+            by_score = self.order == "reference" and not self.layout.has_cls
+            x, state = tm.merge_tokens(x, state, match, merge, unmerged_by_score=by_score)
             run.merged = True
-        if index == self.layout.feature_block and run.merged:
+        if index == self.layout.feature_block and run.merged and self.order == "canonical":
             x, state = tm.canonical_order(x, state)
         run.state = state
         x = x + block.mlp(block.norm2(x))
@@ -221,15 +223,17 @@ class VTUState:
 
 
 def collapse_map(
-    visual: Tensor, groups: list[Any], members: list[Tensor], real: Tensor
-) -> tuple[Tensor, list[int]]:
+    visual: Tensor, groups: list[Any], members: list[Tensor]
+) -> tuple[Tensor, list[int], list[Tensor]]:
     """(B, N) representative column of every column: a visual column maps to the smallest present
     column of its merged token; everything else maps to itself. ``members[k]`` (n_tok, n_grid) are the
     membership rows of group ``k`` over its grid. Also returns, per group, how many merged tokens keep
-    at least one column (a token whose patches the stock model drops entirely is dropped)."""
+    at least one column (a token whose patches the stock model drops entirely is dropped). Third, per group,
+    the anchor columns of its kept merged tokens in the order of the membership rows (the order the
+    encoder emitted the merged tokens in)."""
     bsz, n = visual.shape
     rep = torch.arange(n, device=visual.device).unsqueeze(0).expand(bsz, n).clone()
-    kept = []
+    kept, anchors = [], []
     for group, member in zip(groups, members):
         cols = group.columns.to(visual.device)
         present = cols >= 0
@@ -238,7 +242,18 @@ def collapse_map(
         anchor = anchor.scatter_reduce(0, tok[present], cols[present], reduce="amin")
         rep[group.sample, cols[present]] = anchor[tok[present]]
         kept.append(int((anchor < n).sum()))
-    return rep, kept
+        anchors.append(anchor[anchor < n])
+    return rep, kept, anchors
+
+
+def emitted_order(embeds: Tensor, groups: list[Any], anchors: list[Tensor]) -> Tensor:
+    """Embeddings whose kept columns hold each group's merged tokens in the encoder's emitted order:
+    the i-th smallest anchor column gets the i-th emitted token (which sits at its own anchor). With
+    consecutive positions this is the reference's sequence without unmerging."""
+    out = embeds.clone()
+    for group, anchor in zip(groups, anchors):
+        out[group.sample, anchor.sort().values] = embeds[group.sample, anchor]
+    return out
 
 
 @register_method
@@ -299,7 +314,7 @@ class DyMU(Method):
             hooks.forward(self.layout.module, self._on_tower)
         else:
             rule = threshold_rule(self.thresholds, self.layout.has_cls)
-            Merger(self.layout, rule, self._current_run, self._start_run).install(hooks)
+            Merger(self.layout, rule, self._current_run, self._start_run, self.config.order).install(hooks)
             hooks.forward(self.layout.projector, self._on_projector)
         hooks.forward_pre(self.adapter.decoder, self._decoder_pre, with_kwargs=True)
         install_continuation(hooks, self.adapter.model, self._decode)
@@ -418,7 +433,9 @@ class DyMU(Method):
             member = run.state.pos[r][run.state.valid[r], drop:]
             members.append(member)
         visual = visual if visual is not None else torch.zeros(bsz, n, dtype=torch.bool, device=embeds.device)
-        rep, kept = collapse_map(visual, groups, members, real)
+        rep, kept, anchors = collapse_map(visual, groups, members)
+        if self.kernel == "off" and self.config.order == "reference" and not self.post:
+            embeds = emitted_order(embeds, groups, anchors)
         cols = torch.arange(n, device=embeds.device).unsqueeze(0)
         keep = (rep == cols) & real
         visual_in = (visual & real).sum(1)
