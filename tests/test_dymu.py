@@ -237,7 +237,8 @@ def test_reference_order_without_vtu_feeds_the_emitted_order():
         for order in ("canonical", "reference"):
             with vlmprune.apply(model, vlmprune.DyMUConfig(thresholds=thresholds(model), vtu=False, order=order)) as h:
                 grab = model.model.language_model.register_forward_pre_hook(
-                    lambda m, a, kw: seen.__setitem__(order, kw["inputs_embeds"].detach().clone()), with_kwargs=True)
+                    lambda m, a, kw, key=order: seen.__setitem__(key, kw["inputs_embeds"].detach().clone()),
+                    with_kwargs=True)
                 model(**inputs)
                 grab.remove()
                 k = h.stats.last.image_tokens[0]

@@ -51,23 +51,71 @@ def _bench(args: argparse.Namespace) -> int:
     from . import bench
     from .registry import available_methods
 
-    if args.method not in available_methods():
-        print(f"vlmprune bench: unknown method {args.method!r}; choose from {', '.join(available_methods())}",
-              file=sys.stderr)
+    methods = [m for m in args.method.split(",") if m]
+    unknown = [m for m in methods if m not in available_methods()]
+    if unknown or not methods:
+        print(f"vlmprune bench: unknown method {','.join(unknown) or args.method!r}; choose from "
+              f"{', '.join(available_methods())}", file=sys.stderr)
         return 2
     if args.output:
         from .files import writable_file
 
         writable_file(args.output)
-    rows = bench.run(args.ratios, method=args.method, size=args.size, repeats=args.repeats,
-                     warmup=args.warmup, device=args.device, seed=args.seed)
-    print(bench.format_table(rows))
+    if args.model is not None:
+        rows = _bench_model(args, methods)
+        from .bench_model import format_table
+    else:
+        if len(methods) > 1 or args.dtype != "float32" or args.image or args.prompt or args.max_new_tokens:
+            print("vlmprune bench: several methods, --dtype, --image, --prompt and --max-new-tokens need --model",
+                  file=sys.stderr)
+            return 2
+        rows = bench.run(args.ratios, method=methods[0], size=args.size, repeats=args.repeats,
+                         warmup=args.warmup, device=args.device, seed=args.seed)
+        format_table = bench.format_table
+    print(format_table(rows))
     if args.output:
         out = Path(args.output)
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps([r.as_dict() for r in rows], indent=2))
         print(f"wrote {out}")
     return 0
+
+
+def _bench_model(args: argparse.Namespace, methods: list[str]) -> list:
+    from . import bench_model
+
+    image = None
+    if args.image:
+        from PIL import Image
+
+        path = Path(args.image).expanduser()
+        if not path.is_file():
+            raise bench_model.ModelBenchError(f"--image {args.image!r}: no such file")
+        try:
+            image = Image.open(path).convert("RGB")
+        except OSError as exc:
+            raise bench_model.ModelBenchError(f"cannot read image {path}: {exc}") from None
+    options = {}
+    for item in args.option or []:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise bench_model.ModelBenchError(f"--option takes key=value, got {item!r}")
+        options[key] = _option_value(value)
+    model, processor = bench_model.load(args.model, args.dtype, args.device)
+    return bench_model.run(
+        model, processor, methods, args.ratios, options=options, image=image,
+        prompt=args.prompt or bench_model.DEFAULT_PROMPT, max_new_tokens=args.max_new_tokens or 32,
+        repeats=args.repeats, warmup=args.warmup,
+    )
+
+
+def _option_value(text: str) -> object:
+    for cast in (int, float):
+        try:
+            return cast(text)
+        except ValueError:
+            pass
+    return {"true": True, "false": False, "none": None}.get(text.lower(), text)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -83,6 +131,15 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--device", default="cpu")
     b.add_argument("--seed", type=int, default=0)
     b.add_argument("--output", help="also write the rows as JSON to this file")
+    m = b.add_argument_group("your checkpoint (--model): time to first token, prefill / decode throughput, memory")
+    m.add_argument("--model", help="a local Hugging Face VLM directory (or a hub id where the hub is reachable); "
+                                   "--method may then list several methods, comma-separated")
+    m.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
+    m.add_argument("--image", help="image file for the prompt (default: a generated 640x480 scene)")
+    m.add_argument("--prompt", help="the question (default: 'Describe the image in detail.')")
+    m.add_argument("--max-new-tokens", type=_count(2), default=None, help="tokens per timed generation (default 32)")
+    m.add_argument("--option", action="append", metavar="KEY=VALUE",
+                   help="a method option for every method that has it (repeatable), e.g. --option exit_layer=2")
     b.set_defaults(func=_bench)
     for name, (target, text) in sorted(_forwarded_commands().items()):
         sub.add_parser(name, add_help=False, help=text).set_defaults(func=_forward(name, target))

@@ -1,0 +1,52 @@
+"""``vlmprune bench --model``: a saved checkpoint with its own processor, timed per method and setting."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from vlmprune import bench_model, cli
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    from vlmprune.evals import builtin
+
+    model, processor = builtin.build_untrained(seed=0)
+    path = tmp_path_factory.mktemp("ckpt")
+    builtin.save_builtin(model, processor, path)
+    return path
+
+
+def test_bench_model_rows_for_every_setting(checkpoint, tmp_path, capsys):
+    out = tmp_path / "rows.json"
+    rc = cli.main(["bench", "--model", str(checkpoint), "--method", "fastervlm,dyvte", "--ratios", "0,0.75",
+                   "--option", "exit_layer=1", "--repeats", "1", "--warmup", "0", "--max-new-tokens", "3",
+                   "--output", str(out)])
+    assert rc == 0
+    rows = json.loads(out.read_text())
+    assert [(r["method"], r["setting"]) for r in rows] == [
+        ("fastervlm", "ratio=0.0"), ("fastervlm", "ratio=0.75"), ("dyvte", "exit_layer=1")]
+    full, pruned = rows[0], rows[1]
+    assert full["visual_tokens"] == 256 and pruned["visual_tokens"] == 64
+    assert full["llm_tokens"] - pruned["llm_tokens"] == 192
+    assert full["predicted_speedup"] == pytest.approx(1.0, abs=0.01)
+    assert pruned["predicted_speedup"] > 1.5
+    for r in rows:
+        assert r["ttft_ms"] > 0 and r["base_ttft_ms"] > 0 and r["decode_tok_s"] > 0
+    assert "TTFT ms" in capsys.readouterr().out
+
+
+def test_bench_model_bad_inputs(checkpoint, tmp_path, capsys):
+    assert cli.main(["bench", "--model", str(tmp_path / "missing"), "--repeats", "1"]) != 0
+    assert "no such directory" in capsys.readouterr().err
+    assert cli.main(["bench", "--model", str(checkpoint), "--image", str(tmp_path / "none.png")]) != 0
+    assert "no such file" in capsys.readouterr().err
+    assert cli.main(["bench", "--model", str(checkpoint), "--option", "exit_layer"]) != 0
+    assert "key=value" in capsys.readouterr().err
+    assert cli.main(["bench", "--method", "fastervlm,pool"]) == 2
+    assert "need --model" in capsys.readouterr().err
+    assert cli.main(["bench", "--model", str(checkpoint), "--method", "nosuch"]) == 2
+    with pytest.raises(bench_model.ModelBenchError, match="dtype"):
+        bench_model.load(str(checkpoint), dtype="int8")
