@@ -319,7 +319,7 @@ class PreLLMSeam:
         hooks.set_attr(self.adapter.model, "_supports_mm_encoder_outputs", lambda: False)
         if self.method.needs_scores:
             self.adapter.install_scoring(hooks, self.method.needs_scores, self.handle)
-        vision_side = frozenset(self.method.needs) - SEAM_SIGNALS
+        vision_side = frozenset(getattr(self.method, "needs", ())) - SEAM_SIGNALS
         if vision_side:
             self.adapter.install_signals(hooks, vision_side, self.handle)
 
@@ -417,7 +417,7 @@ class PreLLMSeam:
         """The keep mask over columns and the (possibly averaged) embeddings: one decision per
         visual group. Seams whose reductions span several groups (video frames) override this."""
         groups = self.adapter.visual_groups(ctx, visual, self.method.needs_scores)
-        needs = set(self.method.needs)
+        needs = set(getattr(self.method, "needs", ()))
         if needs:
             fill_signals(groups, needs, embeds, visual, mask)
             vision_side = needs - SEAM_SIGNALS
