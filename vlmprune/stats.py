@@ -35,6 +35,10 @@ class ForwardRecord:
     fast_tokens: list[int] | None = None  # slow-fast: fast (pooled) video tokens in the sequence, per sample
     slow_tokens: list[int] | None = None  # slow-fast: slow tokens (hybrid: cross-attended, outside the sequence)
     cross_attn_flops: float = 0.0  # slow-fast hybrid: kv projection + attention products (part of overhead_flops)
+    # in-LLM pruning (FastV, PyramidDrop, DART, SparseVLM); None for other methods
+    stage_layers: list[int] | None = None  # first decoder layer of each pruning stage
+    stage_visual: list[list[int]] | None = None  # visual tokens kept per sample after each stage
+    variant: str | None = None  # labelled deviations from the method's reference on this model
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
