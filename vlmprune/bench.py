@@ -1,8 +1,10 @@
-"""Prefill benchmark: does the FLOPs reduction of pre-LLM pruning show up as wall-clock time?
+"""Prefill benchmark: does the FLOPs reduction of a pruning method show up as wall-clock time?
 
 A random-init model with LLaVA-1.5's visual geometry (336 px, patch 14, 576 visual tokens per
 image) runs one prefill (``use_cache=True, logits_to_keep=1``, as ``generate`` does) per
-measurement. The machine is noisy, so each ratio is measured as interleaved pairs of
+measurement. Pre-LLM and in-LLM methods alike: an in-LLM method's FLOPs count every decoder layer
+at the length it ran at, and at ratio 0 the measured speed-up shows its own overhead (hooks,
+scoring). The machine is noisy, so each ratio is measured as interleaved pairs of
 (unpatched, patched) runs, alternating which goes first, and we report medians of the per-pair
 ratios rather than ratios of medians.
 """
@@ -25,7 +27,7 @@ from .api import apply
 SIZES: dict[str, dict[str, int]] = {
     # vision tower narrow (its cost is not what pruning changes), LLM big enough that prefill > 100 ms
     "default": dict(v_hidden=256, v_layers=4, hidden=768, layers=4, heads=12, kv_heads=4, mlp=2048),
-    "tiny": dict(v_hidden=64, v_layers=2, hidden=64, layers=2, heads=4, kv_heads=2, mlp=128),
+    "tiny": dict(v_hidden=64, v_layers=2, hidden=64, layers=4, heads=4, kv_heads=2, mlp=128),  # 4 layers: room for in-LLM methods
 }
 IMAGE_TOKEN = 32000
 
@@ -140,6 +142,25 @@ def _kv_mb(cache: Any) -> float:
     return total / 2**20
 
 
+def method_options(method: str, ratio: float, num_layers: int) -> dict[str, Any]:
+    """The options that run ``method`` at ``ratio``: the ratio itself for a method that has one,
+    else the cell its config's eval grid makes for that ratio (e.g. PyramidDrop's lambda for a
+    layer-averaged budget of ``1 - ratio``)."""
+    from .method import EvalContext
+    from .registry import lookup
+
+    config_cls, _ = lookup(method)
+    if "ratio" in config_cls.option_names():
+        return {"ratio": ratio}
+    for cell in config_cls.eval_cells([ratio], EvalContext(num_layers=num_layers), {}):
+        if cell.get("ratio") == ratio:
+            return {k: v for k, v in cell.items() if k != "ratio"}
+    raise ValueError(
+        f"vlmprune bench sweeps ratios, and {method!r} reaches no setting at ratio {ratio} on a "
+        f"{num_layers}-layer model; use bench --model with --option for its own options"
+    )
+
+
 def run(
     ratios: list[float],
     *,
@@ -162,17 +183,19 @@ def run(
         base_flops = flops.estimate(model, inputs, base_tokens, generated_tokens=1).total
         base_mem = _peak_mem_mb(model, inputs)
         bar = tqdm(total=len(ratios) * repeats, desc="prefill pairs", disable=not progress)
+        depth = model.config.get_text_config().num_hidden_layers
         for ratio in ratios:
-            handle = apply(model, method, ratio=ratio)
+            options = method_options(method, ratio, depth)
+            handle = apply(model, method, **options)
             for _ in range(warmup):
                 _prefill(model, inputs)
             _, out = _prefill(model, inputs)
             rec = handle.stats.last
             kv = _kv_mb(out.cache)
             mem = _peak_mem_mb(model, inputs)
-            report = flops.estimate(
-                model, inputs, rec.llm_tokens[0], generated_tokens=1, overhead=rec.overhead_flops
-            )
+            # in-LLM methods: every decoder layer at its own length
+            tokens = rec.layer_tokens[0] if rec.layer_tokens else rec.llm_tokens[0]
+            report = flops.estimate(model, inputs, tokens, generated_tokens=1, overhead=rec.overhead_flops)
             handle.remove()
             base_t, patched_t, pair = [], [], []
             for i in range(repeats):
@@ -180,7 +203,7 @@ def run(
                 times = {}
                 for patched in order:
                     if patched:
-                        with apply(model, method, ratio=ratio):
+                        with apply(model, method, **options):
                             times[True], _ = _prefill(model, inputs)
                     else:
                         times[False], _ = _prefill(model, inputs)
