@@ -547,6 +547,18 @@ def test_sparsevlm_v1_counts_from_the_rank():
     assert_topk(sorted(set(cols) & set(vis)), relation.mean(0), vis, k)
 
 
+def test_loss_is_computed_on_the_kept_rows():
+    model, x, n = build("llava-clip")
+    labels = torch.full_like(x["input_ids"], -100)
+    labels[:, -4:] = x["input_ids"][:, -4:]  # an answer after the prompt; the image carries no loss
+    with vlmprune.apply(model, "fastv", ratio=0.75) as h:
+        loss = model(**x, labels=labels).loss
+        state = state_of(h)
+    with StageOracle(model, state):
+        ref = model(**x, labels=labels).loss
+    torch.testing.assert_close(loss, ref, atol=1e-5, rtol=1e-5)
+
+
 # -- batches ---------------------------------------------------------------------------------------
 @pytest.mark.parametrize("method", METHODS)
 def test_llava_batch_equals_each_sample_alone(method):

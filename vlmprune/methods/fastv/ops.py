@@ -5,8 +5,6 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from vlmprune.method import keep_count
-
 
 def last_token_scores(probs: Tensor) -> Tensor:
     """(B, L): the attention the last query row pays every key, averaged over heads.
@@ -17,8 +15,9 @@ def last_token_scores(probs: Tensor) -> Tensor:
 
 
 def kept_counts(visual: Tensor, ratio: float) -> list[int]:
-    """Visual tokens each sample keeps: ``round(N * (1 - ratio))`` of its N (at least one)."""
-    return [keep_count(int(n), ratio) if int(n) else 0 for n in visual.sum(dim=1)]
+    """Visual tokens each sample keeps: ``round(N * (1 - ratio))`` of its N, Python's rounding, as
+    the reference's ``topk(round(N * (1 - r)))``."""
+    return [int(round(int(n) * (1.0 - ratio))) for n in visual.sum(dim=1)]
 
 
 def fastv_keep(scores: Tensor, visual: Tensor, ratio: float) -> Tensor:
