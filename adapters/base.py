@@ -14,7 +14,7 @@ The defaults below are those of a family with 1-D RoPE positions and ``pixel_val
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -254,3 +254,81 @@ class Adapter:
         ran at (blocks beyond the list were skipped); ``projector_tokens``: rows x length the
         projector received."""
         raise ValueError(f"vlmprune.flops: {cls.family or cls.__name__} models have no encoder block layout")
+
+    # -- smaller images: encode a call's images at a lower resolution --------------------------------
+    # Families whose vision side takes images of varying size (a dynamic patch grid, a varying tile
+    # count) override the three methods below; fixed-resolution towers keep these defaults.
+    def resize_image_inputs(
+        self, inputs: Mapping[str, Any], budget: Callable[[int], int], resample: str = "bicubic"
+    ) -> tuple[dict[str, Tensor], list[ResizedImage]]:
+        """The processor's visual outputs in ``inputs`` for the same images made smaller: each image
+        (or video) of ``n`` LLM tokens becomes one of about ``budget(n)`` tokens, as the processor
+        would lay out an image of that size. Returns the smaller tensors (same keys) and one
+        :class:`ResizedImage` per image / video, in the order the vision side emits them."""
+        raise ValueError(resize_unsupported(self))
+
+    def install_image_resize(
+        self, hooks: Any, handle: Any, budget: Callable[[int], int], resample: str = "bicubic"
+    ) -> None:
+        """In ``handle``'s calls, encode the smaller images of :meth:`resize_image_inputs` instead of
+        the processor's, and hand the stock placeholder scatter features laid out as
+        :attr:`ResizedImage.kept` says (each group's leading tokens hold the smaller image's
+        features, the rest zeros); :meth:`resized_images` then reports what was encoded."""
+        raise ValueError(resize_unsupported(self))
+
+    def resized_images(self, ctx: context.CallContext) -> list[ResizedImage]:
+        """What :meth:`install_image_resize` encoded in this call, in emission order."""
+        return []
+
+    def resized_image_positions(
+        self, pruned: PrunedSequence, position_ids: Tensor, images: Sequence[PooledVideo]
+    ) -> PrunedSequence:
+        """Number the kept tokens of smaller images as the stock model numbers an image of the smaller
+        grid (``images[i].blocks == [new_grid]``). Default (1-D RoPE): one position per token, so the
+        seam's contiguous numbering is already the stock one."""
+        return pruned
+
+
+@dataclass
+class ResizedImage:
+    """One image (or video) that the vision side encoded at a smaller size.
+
+    ``kind``: the :attr:`VisualGroup.kind` of its groups; ``grid`` / ``new_grid``: the geometry of
+    its LLM tokens before and after, (frames or tiles, h, w); ``kept``: per stock group of the item
+    (frame / tile, in order), how many of its leading grid tokens hold the smaller item's features;
+    ``vision_flops`` / ``projector_flops``: what encoding the smaller item cost (the convention of
+    :mod:`vlmprune.flops`); ``flops``: the resizing's own cost; ``layout``: how the smaller item was
+    made (e.g. the tile grid read off the inputs)."""
+
+    kind: str
+    grid: tuple[int, int, int]
+    new_grid: tuple[int, int, int]
+    kept: list[int]
+    vision_flops: float = 0.0
+    projector_flops: float = 0.0
+    flops: float = 0.0
+    layout: str | None = None
+
+
+def resize_unsupported(adapter: Adapter) -> str:
+    """The error for a family whose vision side takes one image size, naming those that take others."""
+    from vlmprune.adapters import ADAPTERS
+
+    able = [name for cls in ADAPTERS if cls.install_image_resize is not Adapter.install_image_resize
+            for name in cls.model_classes]
+    return (
+        f"vlmprune: {type(adapter.model).__name__} encodes every image (or crop) at one fixed resolution, so "
+        "giving its encoder a smaller image does not apply (it would need position embeddings the tower "
+        f"was not trained with). Image downsampling applies to dynamic-resolution models: {', '.join(able)}"
+    )
+
+
+def interpolation_flops(images: int, size: tuple[int, int], new_size: tuple[int, int], mode: str) -> float:
+    """FLOPs of resizing ``images`` planes from ``size`` to ``new_size`` with a separable (antialiased)
+    ``mode`` filter, width first: a multiply and an add per filter tap of every output sample; the
+    taps widen by the shrink factor when antialiasing a downscale."""
+    support = {"bilinear": 1.0, "bicubic": 2.0}.get(mode, 2.0)
+    (h, w), (nh, nw) = size, new_size
+    taps_w = 2.0 * support * max(1.0, w / max(nw, 1))
+    taps_h = 2.0 * support * max(1.0, h / max(nh, 1))
+    return 2.0 * images * (h * nw * taps_w + nh * nw * taps_h)

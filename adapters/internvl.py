@@ -22,10 +22,11 @@ decoder (Qwen2 / Llama) uses 1-D positions.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from vlmprune import context
@@ -34,7 +35,7 @@ from vlmprune.scoring import cls_attention_scores
 from vlmprune.seams.encoder import EmittedLayout, encoder_layers, feature_layer_index
 from vlmprune.seams.pre_llm import VisualGroup
 
-from .base import Adapter
+from .base import Adapter, ResizedImage, interpolation_flops
 
 
 class InternVLAdapter(Adapter):
@@ -241,3 +242,166 @@ class InternVLAdapter(Adapter):
         d_in = int(vc.hidden_size) * scale * scale
         proj = mlp_projector_flops(tiles * tokens_out, d_in, int(config.text_config.hidden_size))
         return float(enc), float(proj)
+
+    # -- smaller images: fewer tiles -----------------------------------------------------------------
+    _RESIZED_KEY = "internvl.resized"  # the ResizedImage list of each get_image_features call
+
+    def image_tile_counts(self, inputs: Mapping[str, Any]) -> list[int]:
+        """Tiles of each image of a call, images in prompt order over the batch: an image is one run of
+        consecutive image-context tokens (the processor wraps each image's tiles, and each video frame,
+        in <img> ... </img>), ``tokens per tile`` of them per tile."""
+        pixel_values = inputs.get("pixel_values")
+        if pixel_values is None:
+            raise ValueError("vlmprune: InternVL image tokens without pixel_values to locate their tiles")
+        token = int(self.config.image_token_id)
+        ids = inputs.get("input_ids")
+        if ids is not None:
+            mask = ids == token
+        else:
+            embeds = inputs["inputs_embeds"]
+            ref = self.inner.get_input_embeddings()(torch.tensor(token, device=embeds.device)).to(embeds.dtype)
+            mask = (embeds == ref).all(-1)
+        rows, cols = self.merged_grid(self.patch_side(pixel_values))
+        per_tile = rows * cols
+        counts = []
+        for row in mask.long().cpu():
+            edges = torch.diff(torch.cat([row.new_zeros(1), row, row.new_zeros(1)]))
+            starts, ends = torch.nonzero(edges == 1).flatten(), torch.nonzero(edges == -1).flatten()
+            for length in (ends - starts).tolist():
+                if length % per_tile:
+                    raise ValueError(f"vlmprune: an image of {length} tokens is not whole tiles of {per_tile}")
+                counts.append(length // per_tile)
+        if sum(counts) != int(pixel_values.shape[0]):
+            raise ValueError(
+                f"vlmprune: the prompt's images hold {sum(counts)} tiles but pixel_values has {pixel_values.shape[0]}"
+            )
+        return counts
+
+    @staticmethod
+    def assemble_tiles(crops: Tensor, columns: int, rows: int) -> Tensor:
+        """(C, rows * T, columns * T): the canvas of ``rows x columns`` crops (T x T, row-major)."""
+        _, c, t, _ = crops.shape
+        return crops.reshape(rows, columns, c, t, t).permute(2, 0, 3, 1, 4).reshape(c, rows * t, columns * t)
+
+    @staticmethod
+    def cut_tiles(canvas: Tensor, side: int) -> Tensor:
+        """(rows * columns, C, side, side): a canvas cut into tiles row-major, as the processor cuts."""
+        c, height, width = canvas.shape
+        rows, columns = height // side, width // side
+        return canvas.reshape(c, rows, side, columns, side).permute(1, 3, 0, 2, 4).reshape(rows * columns, c, side, side)
+
+    @staticmethod
+    def tile_canvas(columns: int, rows: int, max_tiles: int) -> tuple[int, int]:
+        """The processor's grid (columns, rows) of at most ``max_tiles`` tiles for an image shaped like
+        a ``columns x rows`` canvas: the closest aspect (width / height); on a tie, the grid with more
+        tiles while the image covers more than half of it (transformers' ``get_optimal_tiled_canvas``)."""
+        grids = sorted(((a, b) for a in range(1, max_tiles + 1) for b in range(1, max_tiles + 1) if a * b <= max_tiles),
+                       key=lambda g: g[0] * g[1])
+        aspect, area = columns / rows, columns * rows
+        best, best_diff = (1, 1), float("inf")
+        for a, b in grids:
+            diff = abs(aspect - a / b)
+            if diff < best_diff:
+                best, best_diff = (a, b), diff
+            elif diff == best_diff and area > 0.5 * a * b:
+                best = (a, b)
+        return best
+
+    def tile_grid(self, tiles: Tensor, resample: str = "bicubic") -> tuple[int, int, float]:
+        """(columns, rows) of one image's crops ``tiles[:-1]`` (its thumbnail last), and the FLOPs of
+        finding it. The inputs do not record the grid; the processor resizes the same image to the
+        crops' canvas and to the thumbnail, so of the grids with that many crops, the one whose canvas
+        shrunk to one tile is closest (mean squared error) to the thumbnail is taken (the squarest first
+        on a tie)."""
+        crops, thumb = tiles[:-1].float(), tiles[-1].float()
+        n, c, side, _ = crops.shape
+        candidates = sorted(((a, n // a) for a in range(1, n + 1) if n % a == 0),
+                            key=lambda g: (abs(math.log(g[0] / g[1])), -g[0]))
+        best, cost = (float("inf"), 1, n), 0.0
+        for columns, rows in candidates:
+            canvas = self.assemble_tiles(crops, columns, rows)
+            small = F.interpolate(canvas[None], size=(side, side), mode=resample, align_corners=False, antialias=True)
+            error = float((small[0] - thumb).pow(2).mean())
+            cost += interpolation_flops(c, (rows * side, columns * side), (side, side), resample) + 3.0 * thumb.numel()
+            if error < best[0]:
+                best = (error, columns, rows)
+        return best[1], best[2], cost
+
+    def _fewer_tiles(self, tiles: Tensor, budget: Callable[[int], int], resample: str,
+                     per_tile: int) -> tuple[Tensor, str, float]:
+        """One image's tiles for ``budget(tiles * per_tile)`` tokens: the most tiles that fit (at least
+        one). The crops' canvas is resized to the grid the processor picks for that many crops (the
+        thumbnail, unchanged, after them); with room for fewer than two crops, the thumbnail alone (what
+        the processor gives an image allowed one tile)."""
+        n = int(tiles.shape[0])
+        allowed = max(1, int(budget(n * per_tile)) // per_tile)
+        if n == 1 or allowed >= n:
+            return tiles, f"{n} tile(s)", 0.0
+        columns, rows, cost = self.tile_grid(tiles, resample)
+        before = f"{columns}x{rows}+thumbnail"
+        if allowed - 1 < 2:
+            return tiles[-1:], f"{before}->thumbnail", cost
+        nc, nr = self.tile_canvas(columns, rows, allowed - 1)
+        if nc * nr == 1:
+            return tiles[-1:], f"{before}->thumbnail", cost
+        side = int(tiles.shape[-1])
+        canvas = self.assemble_tiles(tiles[:-1].float(), columns, rows)
+        small = F.interpolate(canvas[None], size=(nr * side, nc * side), mode=resample, align_corners=False,
+                              antialias=True)[0]
+        cost += interpolation_flops(int(tiles.shape[1]), (rows * side, columns * side), (nr * side, nc * side), resample)
+        out = torch.cat([self.cut_tiles(small, side).to(tiles.dtype), tiles[-1:]])
+        return out, f"{before}->{nc}x{nr}+thumbnail ({resample})", cost
+
+    def resize_image_inputs(
+        self, inputs: Mapping[str, Any], budget: Callable[[int], int], resample: str = "bicubic"
+    ) -> tuple[dict[str, Tensor], list[ResizedImage]]:
+        """``pixel_values`` with fewer tiles per image (:meth:`_fewer_tiles`); the images are found in the
+        prompt (:meth:`image_tile_counts`), so ``inputs`` holds ``input_ids`` (or ``inputs_embeds``)."""
+        pixel_values = inputs["pixel_values"]
+        rows, cols = self.merged_grid(self.patch_side(pixel_values))
+        per_tile = rows * cols
+        chunks, items, start = [], [], 0
+        for n in self.image_tile_counts(inputs):
+            tiles, layout, cost = self._fewer_tiles(pixel_values[start : start + n], budget, resample, per_tile)
+            start += n
+            kept = int(tiles.shape[0])
+            vision, projector = self.vision_flops(self.config, {**inputs, "pixel_values": tiles})
+            chunks.append(tiles)
+            items.append(ResizedImage(kind="tile", grid=(n, rows, cols), new_grid=(kept, rows, cols),
+                                      kept=[per_tile] * kept + [0] * (n - kept), vision_flops=vision,
+                                      projector_flops=projector, flops=cost, layout=layout))
+        return {"pixel_values": torch.cat(chunks)}, items
+
+    def install_image_resize(
+        self, hooks: Any, handle: Any, budget: Callable[[int], int], resample: str = "bicubic"
+    ) -> None:
+        """Wrap the inner model's ``get_image_features`` (this instance only): in ``handle``'s calls it
+        encodes each image's fewer tiles and puts their tokens in the image's first tile slots, zeros in
+        the rest, so the stock placeholder scatter fills the prompt as usual."""
+        original = self.inner.get_image_features
+
+        def features(*args: Any, **kwargs: Any) -> Any:
+            ctx = context.current(handle)
+            if ctx is None or ctx.owner is not handle:
+                return original(*args, **kwargs)
+            args = list(args)
+            pixel_values = args.pop(0) if args else kwargs.pop("pixel_values")
+            small, items = self.resize_image_inputs({**ctx.inputs, "pixel_values": pixel_values}, budget, resample)
+            out = original(small["pixel_values"], *args, **kwargs)
+            feats = out.pooler_output
+            full = feats.new_zeros(int(pixel_values.shape[0]), *feats.shape[1:])
+            old = new = 0
+            for item in items:
+                kept = item.new_grid[0]
+                full[old : old + kept] = feats[new : new + kept]
+                old, new = old + item.grid[0], new + kept
+            out.pooler_output = full
+            ctx.capture(self._RESIZED_KEY, items)
+            return out
+
+        features.__doc__ = original.__doc__
+        hooks.set_attr(self.inner, "get_image_features", features)
+
+    def resized_images(self, ctx: context.CallContext) -> list[ResizedImage]:
+        """The images this call encoded with fewer tiles, in prompt order."""
+        return [item for call in ctx.captured.get(self._RESIZED_KEY, []) for item in call]

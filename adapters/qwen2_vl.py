@@ -31,8 +31,9 @@ the model applies to the merger output.
 from __future__ import annotations
 
 import dataclasses
+import math
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -46,7 +47,7 @@ from vlmprune.seams.encoder import EmittedLayout
 from vlmprune.seams.pre_llm import VisualGroup
 from vlmprune.sequence import PrunedSequence
 
-from .base import Adapter, PooledVideo
+from .base import Adapter, PooledVideo, ResizedImage, interpolation_flops
 
 _GRID_KEY = "qwen2_vl.grid"  # (grid_thw, window_index or None) per vision-tower call
 _SCORE_KEY = "qwen2_vl.vit_scores"  # (num_vit_tokens,) per vision-tower call, in ViT order
@@ -444,3 +445,194 @@ class Qwen2VLAdapter(Adapter):
             enc += 2 * n * channels * tp * p * p * d + depth * per_layer_linear + attn
             proj += 2 * (n // (m * m)) * (hidden * hidden + hidden * out)
         return float(enc), float(proj)
+
+    # -- smaller images: re-encode a call's images and videos at a lower resolution ------------------
+    _RESIZED_KEY = "qwen2_vl.resized"  # the ResizedImage list of each vision-tower call
+
+    @staticmethod
+    def patches_to_frames(
+        patches: Tensor, grid_thw: Sequence[int], patch_size: int, merge_size: int, temporal_patch_size: int
+    ) -> Tensor:
+        """(t * temporal_patch_size, C, h * patch, w * patch): the frames one image / video's flattened
+        patches were cut from, undoing the processor's layout (rows ordered by merge unit, then the
+        ``merge x merge`` patches of the unit; each row ``C x temporal_patch x patch x patch``). An
+        image gives its ``temporal_patch_size`` identical copies."""
+        t, h, w = (int(v) for v in grid_thw)
+        p, m, tp = patch_size, merge_size, temporal_patch_size
+        c = patches.shape[-1] // (tp * p * p)
+        x = patches.reshape(t, h // m, w // m, m, m, c, tp, p, p).permute(0, 6, 5, 1, 3, 7, 2, 4, 8)
+        return x.reshape(t * tp, c, h * p, w * p)
+
+    @staticmethod
+    def frames_to_patches(frames: Tensor, patch_size: int, merge_size: int, temporal_patch_size: int) -> Tensor:
+        """The processor's flattened patches (t * h * w, C * temporal_patch * patch * patch) of frames
+        (t * temporal_patch_size, C, H, W) whose sides are multiples of patch * merge."""
+        p, m, tp = patch_size, merge_size, temporal_patch_size
+        f, c, height, width = frames.shape
+        t, h, w = f // tp, height // p, width // p
+        x = frames.reshape(t, tp, c, h // m, m, p, w // m, m, p).permute(0, 3, 6, 4, 7, 2, 1, 5, 8)
+        return x.reshape(t * h * w, c * tp * p * p)
+
+    @staticmethod
+    def smaller_grid(h: int, w: int, k: int) -> tuple[int, int]:
+        """The (h', w') grid of about ``k`` tokens that keeps the aspect of (h, w): h * s and w * s
+        (s = sqrt(k / hw)) rounded down or up, whichever pair lands closest to k tokens (then closest
+        in aspect, then fewer tokens); (h, w) itself when k >= hw."""
+        if k >= h * w:
+            return h, w
+        s = math.sqrt(k / (h * w))
+        hs = {min(h, max(1, f(h * s))) for f in (math.floor, math.ceil)}
+        ws = {min(w, max(1, f(w * s))) for f in (math.floor, math.ceil)}
+        aspect = math.log(h / w)
+        best = min((abs(a * b - k), abs(math.log(a / b) - aspect), a * b, a, b) for a in hs for b in ws)
+        return best[3], best[4]
+
+    def _patch_geometry(self) -> tuple[int, int, int]:
+        vc = self.config.vision_config
+        return int(vc.patch_size), int(vc.spatial_merge_size), int(vc.temporal_patch_size)
+
+    def resize_patches(self, patches: Tensor, grid_thw: Sequence[int], new_hw: tuple[int, int],
+                       resample: str = "bicubic") -> Tensor:
+        """One image / video's patches resized to a grid of ``new_hw`` merged tokens: its frames are
+        rebuilt from the patches, resized with ``resample`` (antialiased, in float32) and cut again the
+        way the processor cuts them."""
+        p, m, tp = self._patch_geometry()
+        frames = self.patches_to_frames(patches, grid_thw, p, m, tp).float()
+        size = (new_hw[0] * m * p, new_hw[1] * m * p)
+        small = F.interpolate(frames, size=size, mode=resample, align_corners=False, antialias=True)
+        return self.frames_to_patches(small.to(patches.dtype), p, m, tp)
+
+    def _resize_entry(self, pixels: Tensor, grid_thw: Tensor, kind: str, budget: Callable[[int], int],
+                      resample: str) -> tuple[Tensor, Tensor, list[ResizedImage]]:
+        """Each image (each video: its frames alike) of one vision-tower call at the grid its budget
+        gives: ``budget(n)`` of the n merged tokens of the image (of one video frame)."""
+        p, m, tp = self._patch_geometry()
+        grids = [[int(v) for v in row] for row in grid_thw.tolist()]
+        ends = torch.tensor([t * h * w for t, h, w in grids]).cumsum(0).tolist()
+        chunks, new_grids, items = [], [], []
+        for (t, h, w), lo, hi in zip(grids, [0, *ends[:-1]], ends):
+            rows, cols = h // m, w // m
+            nh, nw = self.smaller_grid(rows, cols, int(budget(rows * cols)))
+            chunk, cost = pixels[lo:hi], 0.0
+            if (nh, nw) != (rows, cols):
+                chunk = self.resize_patches(chunk, (t, h, w), (nh, nw), resample)
+                channels = pixels.shape[-1] // (tp * p * p)
+                cost = interpolation_flops(t * tp * channels, (h * p, w * p), (nh * m * p, nw * m * p), resample)
+            new = torch.tensor([[t, nh * m, nw * m]], dtype=grid_thw.dtype)
+            vision, projector = self.vision_flops(self.config, {"pixel_values": chunk, "image_grid_thw": new})
+            chunks.append(chunk)
+            new_grids.append(new)
+            items.append(ResizedImage(kind=kind, grid=(t, rows, cols), new_grid=(t, nh, nw), kept=[nh * nw] * t,
+                                      vision_flops=vision, projector_flops=projector, flops=cost,
+                                      layout=f"{rows}x{cols}->{nh}x{nw} ({resample})" if cost else f"{rows}x{cols}"))
+        return torch.cat(chunks), torch.cat(new_grids).to(grid_thw.device), items
+
+    def resize_image_inputs(
+        self, inputs: Mapping[str, Any], budget: Callable[[int], int], resample: str = "bicubic"
+    ) -> tuple[dict[str, Tensor], list[ResizedImage]]:
+        """``pixel_values`` / ``image_grid_thw`` and ``pixel_values_videos`` / ``video_grid_thw`` for the
+        same images and videos at the grids their budgets give (images first, as the model encodes)."""
+        out: dict[str, Tensor] = {}
+        items: list[ResizedImage] = []
+        for kind, (pixels, grid) in (("image", ("pixel_values", "image_grid_thw")),
+                                     ("video", ("pixel_values_videos", "video_grid_thw"))):
+            if inputs.get(pixels) is None:
+                continue
+            if inputs.get(grid) is None:
+                raise ValueError(f"vlmprune: Qwen2-VL {kind} inputs need {grid}")
+            out[pixels], out[grid], found = self._resize_entry(inputs[pixels], inputs[grid], kind, budget, resample)
+            items += found
+        return out, items
+
+    def install_image_resize(
+        self, hooks: Any, handle: Any, budget: Callable[[int], int], resample: str = "bicubic"
+    ) -> None:
+        """Wrap ``get_image_features`` / ``get_video_features`` of the inner model (this instance only):
+        in ``handle``'s calls they encode the smaller images and videos, then put each one's merged
+        tokens first in its image / in each of its frames, zeros after, so the stock placeholder
+        scatter fills the prompt as usual."""
+        for kind, name in (("image", "get_image_features"), ("video", "get_video_features")):
+            hooks.set_attr(self.inner, name, self._resizing(getattr(self.inner, name), kind, handle, budget, resample))
+
+    def _resizing(self, original: Callable, kind: str, handle: Any, budget: Callable[[int], int],
+                  resample: str) -> Callable:
+        pixels_key, grid_key = ("pixel_values", "image_grid_thw") if kind == "image" else (
+            "pixel_values_videos", "video_grid_thw")
+
+        def features(*args: Any, **kwargs: Any) -> Any:
+            ctx = context.current(handle)
+            if ctx is None or ctx.owner is not handle:
+                return original(*args, **kwargs)
+            args = list(args)
+            pixels = args.pop(0) if args else kwargs.pop(pixels_key)
+            grid = args.pop(0) if args else kwargs.pop(grid_key, None)
+            if grid is None:
+                raise ValueError(f"vlmprune: Qwen2-VL {kind} inputs need {grid_key}")
+            given = sorted(k for k, v in kwargs.items() if isinstance(v, Tensor))
+            if given:
+                raise ValueError(
+                    f"vlmprune: precomputed vision inputs ({', '.join(given)}) describe the full-size {kind}s; "
+                    "they cannot be used while the images are made smaller"
+                )
+            small, small_grid, items = self._resize_entry(pixels, grid, kind, budget, resample)
+            out = original(small, small_grid, *args, **kwargs)
+            placed = []
+            for feats, item in zip(out.pooler_output, items):
+                t, rows, cols = item.grid
+                k = item.kept[0]
+                full = feats.new_zeros(t, rows * cols, feats.shape[-1])
+                full[:, :k] = feats.view(t, k, -1)
+                placed.append(full.view(t * rows * cols, -1))
+            out.pooler_output = tuple(placed)
+            ctx.capture(self._RESIZED_KEY, items)
+            return out
+
+        features.__doc__ = getattr(original, "__doc__", None)
+        return features
+
+    def resized_images(self, ctx: context.CallContext) -> list[ResizedImage]:
+        """The images, then the videos, that this call encoded smaller."""
+        return [item for call in ctx.captured.get(self._RESIZED_KEY, []) for item in call]
+
+    def resized_image_positions(
+        self, pruned: PrunedSequence, position_ids: Tensor, images: Sequence[PooledVideo]
+    ) -> PrunedSequence:
+        """M-RoPE positions of the smaller images and videos as ``get_rope_index`` gives a prompt holding
+        them: from the item's start (shifted by the items before it in the sample), h and w over the
+        smaller grid, each frame's temporal position as the stock model gave that frame; the text after
+        an item moves by max(h', w') - max(h, w). ``images[i].columns``: the kept input columns,
+        ``frame_columns``: each stock frame's first input column, ``blocks``: [(t, h', w')]."""
+        pos = pruned.position_ids
+        if not isinstance(pos, Tensor) or pos.dim() != 3 or not images:
+            return pruned
+        original = self.rope_positions(position_ids)
+        pos = pos.clone()
+        cols = pruned.columns
+        real = cols >= 0
+        if pruned.attention_mask is not None:
+            real &= pruned.attention_mask.bool()
+        per_sample: dict[int, list[PooledVideo]] = {}
+        for item in images:
+            per_sample.setdefault(int(item.sample), []).append(item)
+        for sample, items in per_sample.items():
+            row = cols[sample]
+            where = torch.full((int(row.max()) + 1,), -1, dtype=torch.long, device=row.device)
+            where[row[row >= 0]] = torch.nonzero(row >= 0).squeeze(1)
+            old = original[:, min(sample, original.shape[1] - 1)]
+            shift = 0
+            for item in sorted(items, key=lambda i: int(i.frame_columns[0])):
+                (t, h, w), = item.blocks
+                new_cols = where[item.columns.to(row.device)]
+                start = int(old[1:, item.frame_columns[0]].min()) + shift
+                tt = (old[0, item.frame_columns.to(old.device)] + shift).repeat_interleave(h * w)
+                hh, ww = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
+                ids = torch.stack([tt.cpu(), hh.reshape(-1).repeat(t) + start, ww.reshape(-1).repeat(t) + start])
+                pos[:, sample, new_cols] = ids.to(pos)
+                delta = max(h, w) - max(item.grid)
+                after = (torch.arange(row.numel(), device=row.device) > new_cols[-1]) & real[sample]
+                pos[:, sample, after] += delta
+                shift += delta
+        masked = pos.masked_fill(~real.unsqueeze(0), torch.iinfo(pos.dtype).min)
+        nxt = masked.amax(dim=(0, 2)) + 1
+        nxt = torch.where(real.any(dim=1), nxt, torch.zeros_like(nxt))
+        return dataclasses.replace(pruned, position_ids=pos, next_position=nxt)
