@@ -475,17 +475,17 @@ class Qwen2VLAdapter(Adapter):
 
     @staticmethod
     def smaller_grid(h: int, w: int, k: int) -> tuple[int, int]:
-        """The (h', w') grid of about ``k`` tokens that keeps the aspect of (h, w): h * s and w * s
-        (s = sqrt(k / hw)) rounded down or up, whichever pair lands closest to k tokens (then closest
-        in aspect, then fewer tokens); (h, w) itself when k >= hw."""
+        """The (h', w') grid of about ``k`` tokens with the aspect of (h, w): each side scaled by
+        s = sqrt(k / hw) and rounded to the nearest whole token (halves up); a side that would fall
+        below one token is one, and the other side then takes about k; (h, w) itself when k >= hw."""
         if k >= h * w:
             return h, w
         s = math.sqrt(k / (h * w))
-        hs = {min(h, max(1, f(h * s))) for f in (math.floor, math.ceil)}
-        ws = {min(w, max(1, f(w * s))) for f in (math.floor, math.ceil)}
-        aspect = math.log(h / w)
-        best = min((abs(a * b - k), abs(math.log(a / b) - aspect), a * b, a, b) for a in hs for b in ws)
-        return best[3], best[4]
+        if h * s < 1:
+            return 1, min(w, max(1, math.floor(k + 0.5)))
+        if w * s < 1:
+            return min(h, max(1, math.floor(k + 0.5))), 1
+        return min(h, math.floor(h * s + 0.5)), min(w, math.floor(w * s + 0.5))
 
     def _patch_geometry(self) -> tuple[int, int, int]:
         vc = self.config.vision_config
