@@ -154,7 +154,7 @@ def test_resize_agrees_with_the_processor_on_the_smaller_image():
     ours, _ = Qwen2VLAdapter(tiny_qwen2_vl()).resize_image_inputs(dict(full), budget(0.75))
     assert torch.equal(ours["image_grid_thw"], small["image_grid_thw"])
     diff = (ours["pixel_values"] - small["pixel_values"]).abs()
-    assert diff.mean() < 0.01 and diff.max() < 0.1  # normalised units (1/255 / std ~ 0.014)
+    assert diff.mean() < 0.01 and diff.max() < 0.05  # normalised units: one 8-bit level is about 0.014
 
 
 # -- Qwen2-VL: the patched model equals the stock model on the smaller image ----------------------
