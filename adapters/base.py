@@ -332,3 +332,86 @@ def interpolation_flops(images: int, size: tuple[int, int], new_size: tuple[int,
     taps_w = 2.0 * support * max(1.0, w / max(nw, 1))
     taps_h = 2.0 * support * max(1.0, h / max(nh, 1))
     return 2.0 * images * (h * nw * taps_w + nh * nw * taps_h)
+
+
+# -- vision-side signals for pre-LLM methods ("vision", "keys") ------------------------------------
+#: the signals an adapter captures in the vision tower for :class:`VisualGroup`
+VISION_SIGNALS = frozenset({"vision", "keys"})
+
+
+def check_vision_signals(adapter: Adapter, needs: frozenset[str]) -> None:
+    """A clear error for a vision-side signal no adapter knows."""
+    unknown = set(needs) - VISION_SIGNALS
+    if unknown:
+        raise ValueError(
+            f"vlmprune: {adapter.family or type(adapter).__name__} models give no vision-side signal(s) "
+            f"{sorted(unknown)}; known: {sorted(VISION_SIGNALS)}"
+        )
+
+
+def head_mean(x: Tensor, heads: int) -> Tensor:
+    """(..., heads * d) -> (..., d): the mean over attention heads."""
+    return x.reshape(*x.shape[:-1], heads, x.shape[-1] // heads).mean(dim=-2)
+
+
+class RowProjector:
+    """A family's projector as a function of rows shaped like ``VisualGroup.vision``: (m, width) ->
+    (m, LLM width). ``unit``: the width the module's first step takes when a row holds several of
+    them (Qwen2-VL's merger normalises each patch's part of a merged row). It calls the module's
+    ``forward`` directly, so hooks on the projector itself (e.g. the ones capturing signals) do not
+    fire. ``flops(m)``: the matrix products of projecting ``m`` rows (2 * in * out per linear layer)."""
+
+    def __init__(self, module: nn.Module, unit: int | None = None) -> None:
+        self.module = module
+        self.unit = unit
+        self.flops_per_row = 2.0 * sum(
+            m.in_features * m.out_features for m in module.modules() if isinstance(m, nn.Linear)
+        )
+
+    def __call__(self, rows: Tensor) -> Tensor:
+        param = next(self.module.parameters(), None)
+        x = rows.to(param.dtype) if param is not None else rows
+        m = x.shape[0]
+        if self.unit is not None:
+            x = x.reshape(-1, self.unit)
+        return self.module.forward(x).reshape(m, -1)
+
+    def flops(self, rows: int) -> float:
+        return float(rows) * self.flops_per_row
+
+
+def signal_carrier(parts: Sequence[Tensor], rows: bool = True) -> Tensor:
+    """Signals laid side by side along the last dim in float32 (float64 for float64 inputs), plus,
+    with ``rows``, a channel holding each entry's index along dim 0 (the tower input it came from),
+    so the family's own grouping code can carry them to the groups like scores."""
+    wide = torch.float64 if any(p.dtype == torch.float64 for p in parts) else torch.float32
+    cols = [p.to(wide) for p in parts]
+    if rows:
+        lead = parts[0].shape[0]
+        index = torch.arange(lead, dtype=wide, device=parts[0].device)
+        cols.append(index.view(lead, *([1] * (parts[0].dim() - 1))).expand(*parts[0].shape[:-1], 1))
+    return torch.cat(cols, dim=-1)
+
+
+def distribute_signals(
+    groups: Sequence[VisualGroup], carried: Sequence[VisualGroup], parts: Sequence[tuple[str, int, torch.dtype]],
+    cls_rows: Tensor | None = None, project: Callable[[Tensor], Tensor] | None = None,
+) -> None:
+    """Set each group's signals from ``carried``: the same groups built from a :func:`signal_carrier`
+    in place of scores. ``parts``: (attribute, width, dtype) in carrier order; ``cls_rows``: the [CLS]
+    row of each tower input (picked with the carrier's index channel, for groups from one input)."""
+    if len(carried) != len(groups):
+        raise RuntimeError(f"vlmprune: {len(groups)} visual groups but the vision signals form {len(carried)}")
+    for group, found in zip(groups, carried):
+        if not torch.equal(group.columns.cpu(), found.columns.cpu()):
+            raise RuntimeError("vlmprune: the vision signals' groups do not match the call's visual groups")
+        values, offset = found.scores, 0
+        for name, width, dtype in parts:
+            setattr(group, name, values[:, offset : offset + width].to(dtype))
+            offset += width
+        if cls_rows is not None and values.shape[-1] > offset and values.shape[0]:
+            source = values[:, offset]
+            if bool((source == source[0]).all()):
+                group.vision_cls = cls_rows[int(source[0].round())]
+        if project is not None:
+            group.project = project

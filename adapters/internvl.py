@@ -35,7 +35,16 @@ from vlmprune.scoring import cls_attention_scores
 from vlmprune.seams.encoder import EmittedLayout, encoder_layers, feature_layer_index
 from vlmprune.seams.pre_llm import VisualGroup
 
-from .base import Adapter, ResizedImage, interpolation_flops
+from .base import (
+    Adapter,
+    ResizedImage,
+    RowProjector,
+    check_vision_signals,
+    distribute_signals,
+    head_mean,
+    interpolation_flops,
+    signal_carrier,
+)
 
 
 class InternVLAdapter(Adapter):
@@ -179,9 +188,66 @@ class InternVLAdapter(Adapter):
             total += 2.0 * tiles * n * c + tiles * (n - 1)
         return total
 
+    # -- vision-side signals ----------------------------------------------------------------------
+    _SHUFFLED_KEY = "internvl.projector_in"  # (tiles, tokens, 4C) what the projector receives per call
+    _KEYS_KEY = "internvl.keys"  # (tiles, 1 + N, head_dim) head-mean keys of the feature layer per call
+
+    def install_signals(self, hooks: Any, needs: frozenset[str], handle: Any) -> None:
+        """Read-only hooks: "vision" records the projector's input (the pixel-shuffled rows: each
+        token's 2x2 patches side by side); "keys" records the keys of the feature layer's attention
+        (after its optional qk-norm, as the attention uses them) averaged over heads."""
+        check_vision_signals(self, needs)
+        heads = int(self.config.vision_config.num_attention_heads)
+
+        def on_projector(module: nn.Module, args: tuple) -> None:
+            ctx = context.current(handle)
+            if ctx is not None and ctx.owner is handle:
+                ctx.capture(self._SHUFFLED_KEY, args[0].detach())
+
+        def on_keys(module: nn.Module, args: tuple, output: Tensor) -> None:
+            ctx = context.current(handle)
+            if ctx is not None and ctx.owner is handle:
+                ctx.capture(self._KEYS_KEY, head_mean(output.detach(), heads))
+
+        if "vision" in needs:
+            hooks.forward_pre(self.inner.multi_modal_projector, on_projector)
+        if "keys" in needs:
+            block = self._block_for(self.config.vision_feature_layer)
+            hooks.forward(encoder_layers(self.vision_tower)[block].attention.k_norm, on_keys)
+
+    def vision_signals(self, ctx: context.CallContext, groups: list[VisualGroup], needs: frozenset[str]) -> None:
+        """Per tile, per LLM token: "vision", the pixel-shuffled row the projector receives (with the
+        projector as ``project``); "keys", the head-mean keys of its 2x2 patches averaged, grouped as
+        ``pixel_shuffle`` groups them ([CLS] dropped). ``vision_cls`` stays None: InternViT's [CLS] row
+        is scored with but is one patch wide, not a row the projector takes."""
+        check_vision_signals(self, needs)
+        parts, values = [], []
+        for name, key in (("vision", self._SHUFFLED_KEY), ("keys", self._KEYS_KEY)):
+            if name not in needs:
+                continue
+            found = ctx.captured.get(key)
+            if not found:
+                raise ValueError("vlmprune: the vision tower ran without the vision-signal hooks firing")
+            rows = torch.cat(found, dim=0)
+            if name == "keys":
+                patches = rows[:, 1:]
+                side = math.isqrt(patches.shape[1])
+                rows = patches[:, self.merge_members(side).to(patches.device)].mean(dim=2)
+            values.append(rows)
+            parts.append((name, int(rows.shape[-1]), rows.dtype))
+        carried = self._grouped(ctx, ctx.visual, None, signal_carrier(values, rows=False))
+        project = RowProjector(self.inner.multi_modal_projector) if "vision" in needs else None
+        distribute_signals(groups, carried, parts, None, project)
+
     # -- groups ----------------------------------------------------------------------------------
     def visual_groups(self, ctx: context.CallContext, visual: Tensor, scores: str | None) -> list[VisualGroup]:
         """One group per tile, in the order the stock model scatters tile features into the prompt."""
+        return self._grouped(ctx, visual, scores, None)
+
+    def _grouped(
+        self, ctx: context.CallContext, visual: Tensor, scores: str | None, rows: Tensor | None
+    ) -> list[VisualGroup]:
+        """The groups; with ``rows`` ((tiles, tokens, c) in LLM token order) each tile's rows as scores."""
         pixel_values = ctx.inputs.get("pixel_values")
         if pixel_values is None:
             raise ValueError("vlmprune: InternVL visual tokens without pixel_values to locate their tiles")
@@ -195,14 +261,13 @@ class InternVLAdapter(Adapter):
                 f"{num_tiles * per_tile} ({per_tile} per tile)"
             )
         chunks = self.split_columns(visual, [per_tile] * num_tiles)
-        tile_scores = None
-        if scores:
-            tile_scores = self.merged_scores(self.captured_scores(ctx))
-            if tile_scores.shape != (num_tiles, per_tile):
-                raise ValueError(
-                    f"vlmprune: {num_tiles} tiles of {per_tile} tokens in the prompt but the vision tower "
-                    f"scored {tuple(tile_scores.shape)}"
-                )
+        tile_scores = rows if rows is not None else (
+            self.merged_scores(self.captured_scores(ctx)) if scores else None)
+        if tile_scores is not None and tuple(tile_scores.shape[:2]) != (num_tiles, per_tile):
+            raise ValueError(
+                f"vlmprune: {num_tiles} tiles of {per_tile} tokens in the prompt but the vision tower "
+                f"gave {tuple(tile_scores.shape[:2])}"
+            )
         return [
             VisualGroup(
                 sample=sample,

@@ -21,7 +21,7 @@ from vlmprune.seams.encoder import (
 )
 from vlmprune.seams.pre_llm import VisualGroup
 
-from .base import Adapter
+from .base import Adapter, RowProjector, check_vision_signals, distribute_signals, head_mean, signal_carrier
 
 __all__ = ["LlavaAdapter", "ClipScoringMixin", "ClipTowerMixin", "clip_encoder_layout", "encoder_layers", "feature_layer_index",
            "tower_has_cls"]
@@ -75,8 +75,7 @@ class ClipScoringMixin:
         self._scoring_attn = self._score_attention()
         capture_projections(hooks, self._scoring_attn, handle, "vision", cls_only=self.score_kind == "cls")
 
-    def captured_scores(self, ctx: context.CallContext) -> Tensor:
-        """(num_encoder_inputs, N) patch scores of every vision-tower call so far in this context."""
+    def _check_feature_layer(self, ctx: context.CallContext) -> None:
         layer = ctx.inputs.get("vision_feature_layer")
         if layer is not None and layer != self.config.vision_feature_layer:
             raise ValueError(
@@ -84,6 +83,10 @@ class ClipScoringMixin:
                 f"for the config's {self.config.vision_feature_layer!r}; set model.config.vision_feature_layer "
                 "before vlmprune.apply instead"
             )
+
+    def captured_scores(self, ctx: context.CallContext) -> Tensor:
+        """(num_encoder_inputs, N) patch scores of every vision-tower call so far in this context."""
+        self._check_feature_layer(ctx)
         if not ctx.captured.get("vision.q"):
             raise ValueError(
                 "vlmprune: this method scores tokens inside the vision tower, so the call must pass "
@@ -108,12 +111,80 @@ class ClipScoringMixin:
         return total
 
 
+_FEATURES_KEY = "signals.feature_layer"  # (inputs, tokens, C) feature-layer output per tower call
+_KEYS_KEY = "signals.keys"  # (inputs, tokens, head_dim) head-mean keys of the scoring layer per tower call
+
+
 class ClipTowerMixin(ClipScoringMixin):
     """What the LLaVA families share about their CLIP / SigLIP tower and MLP projector: [CLS] scoring,
-    the encoder layout, and the vision FLOPs."""
+    the vision-side signals, the encoder layout, and the vision FLOPs."""
 
     def encoder_layout(self) -> EncoderLayout:
         return clip_encoder_layout(self)
+
+    # -- vision-side signals ----------------------------------------------------------------------
+    def install_signals(self, hooks: Any, needs: frozenset[str], handle: Any) -> None:
+        """Read-only forward hooks: "vision" records the output of the block that produces the feature
+        layer (``hidden_states[vision_feature_layer]``, [CLS] row included); "keys" records the key
+        projection of the scoring attention (the feature layer's with a [CLS] token, the last layer's
+        for the no-[CLS] fallback) averaged over heads. The tower keeps its attention backend."""
+        check_vision_signals(self, needs)
+        layer_sel = self.config.vision_feature_layer
+        if isinstance(layer_sel, (list, tuple)):
+            raise ValueError(
+                f"vlmprune: this model concatenates the vision feature layers {list(layer_sel)}; the vision-side "
+                "signals need one vision_feature_layer"
+            )
+        layers = encoder_layers(self.vision_tower)
+        feature_block = feature_layer_index(layer_sel, len(layers))
+        heads = int(self.config.vision_config.num_attention_heads)
+
+        def on_layer(module: nn.Module, args: tuple, output: Any) -> None:
+            ctx = context.current(handle)
+            if ctx is not None and ctx.owner is handle:
+                out = output[0] if isinstance(output, (tuple, list)) else output
+                ctx.capture(_FEATURES_KEY, out.detach())
+
+        def on_keys(module: nn.Module, args: tuple, output: Tensor) -> None:
+            ctx = context.current(handle)
+            if ctx is not None and ctx.owner is handle:
+                ctx.capture(_KEYS_KEY, head_mean(output.detach(), heads))
+
+        if "vision" in needs:
+            hooks.forward(layers[feature_block], on_layer)
+        if "keys" in needs:
+            scoring = feature_block if tower_has_cls(self.config.vision_config) else len(layers) - 1
+            hooks.forward(layers[scoring].self_attn.k_proj, on_keys)
+
+    def vision_signals(self, ctx: context.CallContext, groups: list[VisualGroup], needs: frozenset[str]) -> None:
+        """Per group: the feature-layer patch rows the projector receives, the crop's [CLS] row (None
+        when the tower has none, or when the "full" strategy already feeds it to the LLM), the head-mean
+        keys, and the projector. The rows reach the groups through the family's own grouping (crops,
+        OneVision's interpolated grids and pooled frames alike), so they line up with the scores."""
+        check_vision_signals(self, needs)
+        self._check_feature_layer(ctx)
+        vc = self.config.vision_config
+        n = (int(vc.image_size) // int(vc.patch_size)) ** 2
+        parts, values, cls_rows = [], [], None
+        for name, key in (("vision", _FEATURES_KEY), ("keys", _KEYS_KEY)):
+            if name not in needs:
+                continue
+            found = ctx.captured.get(key)
+            if not found:
+                raise ValueError(
+                    "vlmprune: this method reads the vision tower's features, so the call must pass pixel_values "
+                    "(not pre-computed mm_encoder_outputs / image features)"
+                )
+            rows = torch.cat(found, dim=0)
+            if name == "vision":
+                strategy = ctx.inputs.get("vision_feature_select_strategy") or self.config.vision_feature_select_strategy
+                if tower_has_cls(vc) and strategy == "default":
+                    cls_rows = rows[:, 0]
+            values.append(rows[:, rows.shape[1] - n :])
+            parts.append((name, int(rows.shape[-1]), rows.dtype))
+        carried = self._grouped(ctx, ctx.visual, signal_carrier(values))
+        project = RowProjector(self.inner.multi_modal_projector) if "vision" in needs else None
+        distribute_signals(groups, carried, parts, cls_rows, project)
 
     # -- FLOPs ------------------------------------------------------------------------------------
     @classmethod
@@ -194,6 +265,10 @@ class LlavaAdapter(ClipTowerMixin, Adapter):
         return side, side
 
     def visual_groups(self, ctx: context.CallContext, visual: Tensor, scores: str | None) -> list[VisualGroup]:
+        return self._grouped(ctx, visual, self.captured_scores(ctx) if scores else None)
+
+    def _grouped(self, ctx: context.CallContext, visual: Tensor, score: Tensor | None) -> list[VisualGroup]:
+        """The groups, each with its rows of ``score`` ((images, N, ...) per tower input) as scores."""
         strategy = ctx.inputs.get("vision_feature_select_strategy") or self.config.vision_feature_select_strategy
         grid = self._grid()
         n = grid[0] * grid[1]
@@ -201,7 +276,6 @@ class LlavaAdapter(ClipTowerMixin, Adapter):
         per_image = n + extra
         total = int(visual.sum())
         chunks = self.split_columns(visual, [per_image] * (total // per_image))
-        score = self.captured_scores(ctx) if scores else None
         if score is not None and score.shape[0] != len(chunks):
             raise ValueError(
                 f"vlmprune: {len(chunks)} images in the prompt but the vision tower encoded {score.shape[0]}"

@@ -138,9 +138,9 @@ class LlavaNextAdapter(ClipTowerMixin, Adapter):
         )
 
     def _pack(self, ctx: context.CallContext, features: list[Tensor], image_sizes: Tensor, **kw: Any) -> list[Tensor]:
-        """Run the model's own packing on (crops, tokens, 1) tensors; newlines get ``_NEWLINE``."""
+        """Run the model's own packing on (crops, tokens, c) tensors; newlines get ``_NEWLINE``."""
         strategy = ctx.inputs.get("vision_feature_select_strategy") or self.config.vision_feature_select_strategy
-        newline = torch.full((1,), _NEWLINE, dtype=features[0].dtype)
+        newline = torch.full(features[0].shape[-1:], _NEWLINE, dtype=features[0].dtype)
         packed, _ = self.inner.pack_image_features(
             features, image_sizes, vision_feature_select_strategy=strategy, image_newline=newline
         )
@@ -252,8 +252,12 @@ class LlavaNextAdapter(ClipTowerMixin, Adapter):
         """Per sample: its images' crops (base view, then grid crops, images in prompt order),
         then its video frames. Columns carry the placement; this order only fixes which group is
         a sample's i-th, which seeded methods rely on to be batch-invariant."""
+        return self._grouped(ctx, visual, self.captured_scores(ctx) if scores else None)
+
+    def _grouped(self, ctx: context.CallContext, visual: Tensor, score: Tensor | None) -> list[VisualGroup]:
+        """The groups, each with its rows of ``score`` ((crops + frames, N, ...), one row per tower input,
+        images first) as scores, carried through the same packing / pooling as the features."""
         masks = self._token_masks(ctx, visual)
-        score = self.captured_scores(ctx) if scores else None
         groups, used = self._image_groups(ctx, masks["image"], score)
         if "video" in masks:
             rest = score[used:] if score is not None else None
@@ -292,7 +296,7 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
         return ctx.inputs.get("vision_aspect_ratio") or self.config.vision_aspect_ratio
 
     def _pack(self, ctx: context.CallContext, features: list[Tensor], image_sizes: Tensor, **kw: Any) -> list[Tensor]:
-        newline = torch.full((1,), _NEWLINE, dtype=features[0].dtype)
+        newline = torch.full(features[0].shape[-1:], _NEWLINE, dtype=features[0].dtype)
         ratio = kw.get("vision_aspect_ratio") or self._aspect_ratio(ctx)
         packed, _ = self.inner.pack_image_features(
             features, image_sizes, image_newline=newline, vision_aspect_ratio=ratio
@@ -390,9 +394,10 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
         rows = int((~is_token).sum())
         width = int(is_token.sum()) // max(rows, 1)
         pooled_scores = None
-        if scores is not None:
-            pooled = self._pack(ctx, [scores.double().unsqueeze(-1)], image_size)
-            pooled_scores = pooled[0][feat:][is_token.to(pooled[0].device)].float()
+        if scores is not None:  # (crops, N) scores, or (crops, N, c) rows of signals
+            rows = scores.double() if scores.dim() == 3 else scores.double().unsqueeze(-1)
+            pooled = self._pack(ctx, [rows], image_size)
+            pooled_scores = pooled[0][feat:][is_token.to(pooled[0].device)].to(scores.dtype)
         group = VisualGroup(
             sample=sample, columns=rest_cols[is_token].clone(), grid=(rows, width), scores=pooled_scores, kind="crop"
         )
@@ -416,7 +421,11 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
                 raise ValueError(
                     f"vlmprune: {n_videos * frames} video frames but the vision tower encoded {score.shape[0]}"
                 )
-            pooled = self.inner.apply_pooling(score[:, score.shape[1] - n :].unsqueeze(-1).float()).squeeze(-1)
+            rows = score[:, score.shape[1] - n :].float()
+            if rows.dim() == 2:  # scores; (frames, N, c) rows of signals pool as they are
+                pooled = self.inner.apply_pooling(rows.unsqueeze(-1)).squeeze(-1)
+            else:
+                pooled = self.inner.apply_pooling(rows)
         chunks = self.split_columns(mask, [frames * per_frame + 1] * n_videos)
         groups = []
         for v, (sample, cols) in enumerate(chunks):

@@ -47,7 +47,16 @@ from vlmprune.seams.encoder import EmittedLayout
 from vlmprune.seams.pre_llm import VisualGroup
 from vlmprune.sequence import PrunedSequence
 
-from .base import Adapter, PooledVideo, ResizedImage, interpolation_flops
+from .base import (
+    Adapter,
+    PooledVideo,
+    ResizedImage,
+    RowProjector,
+    check_vision_signals,
+    distribute_signals,
+    interpolation_flops,
+    signal_carrier,
+)
 
 _GRID_KEY = "qwen2_vl.grid"  # (grid_thw, window_index or None) per vision-tower call
 _SCORE_KEY = "qwen2_vl.vit_scores"  # (num_vit_tokens,) per vision-tower call, in ViT order
@@ -217,9 +226,16 @@ class Qwen2VLAdapter(Adapter):
         video placeholders, each in row-major order over the batch; within an image / frame the
         merged tokens are row-major over (h / merge, w / merge), as the M-RoPE positions are.
         """
-        m = self.merge_size
         entries = self._entries(ctx.inputs)
-        merged_scores = self._merged_scores(ctx, entries) if scores else None
+        return self._grouped(ctx, visual, entries, self._merged_scores(ctx, entries) if scores else None)
+
+    def _grouped(
+        self, ctx: context.CallContext, visual: Tensor, entries: list[tuple[str, Tensor]],
+        merged_scores: list[Tensor] | None,
+    ) -> list[VisualGroup]:
+        """The groups, each with its rows of ``merged_scores`` (per vision-tower call, one row per merged
+        token in LLM order: scores, or rows of signals) as scores."""
+        m = self.merge_size
         groups: list[VisualGroup] = []
         for call, (kind, grid_thw) in enumerate(entries):
             token = self.config.image_token_id if kind == "image" else self.config.video_token_id
@@ -296,17 +312,98 @@ class Qwen2VLAdapter(Adapter):
         out = []
         for (grid, window_index), scores in zip(grids, vit):
             pooled = scores.view(-1, unit).mean(dim=-1)  # ViT order: `unit` consecutive tokens merge
-            if self.windowed:
-                if window_index is None:
-                    from transformers.vision_utils import get_vision_window_index
-
-                    tower = self.vision_tower
-                    window_index, _ = get_vision_window_index(
-                        grid, tower.spatial_merge_size, tower.window_size, tower.patch_size
-                    )
-                pooled = pooled[torch.argsort(window_index.to(pooled.device))]
-            out.append(pooled)
+            out.append(self._llm_order(pooled, grid, window_index))
         return out
+
+    def _llm_order(self, merged: Tensor, grid: Tensor, window_index: Tensor | None) -> Tensor:
+        """Rows of merged tokens in the ViT's order put in the order the merger output reaches the LLM
+        (Qwen2.5-VL: un-permuted from window order with the model's ``reverse_indices``)."""
+        if not self.windowed:
+            return merged
+        if window_index is None:
+            from transformers.vision_utils import get_vision_window_index
+
+            tower = self.vision_tower
+            window_index, _ = get_vision_window_index(grid, tower.spatial_merge_size, tower.window_size, tower.patch_size)
+        return merged[torch.argsort(window_index.to(merged.device))]
+
+    # -- vision-side signals ----------------------------------------------------------------------
+    _SIGNAL_GRID_KEY = "qwen2_vl.signal_grid"  # (grid_thw, window_index or None) per vision-tower call
+    _MERGER_IN_KEY = "qwen2_vl.merger_in"  # (ViT tokens, C) the merger's input per vision-tower call
+    _KEYS_KEY = "qwen2_vl.keys"  # (ViT tokens, head_dim) head-mean keys of the last block per call
+
+    def install_signals(self, hooks: Any, needs: frozenset[str], handle: Any) -> None:
+        """Read-only hooks during the vision-tower call: "vision" records the merger's input (the ViT
+        tokens it merges ``spatial_merge_size**2`` at a time); "keys" recomputes the last block's
+        rope-rotated keys from the block's input (the keys its attention uses; the fused ``qkv``
+        projection has no separate key output to hook) and keeps their mean over heads. The ViT keeps
+        its attention backend."""
+        check_vision_signals(self, needs)
+        attn = self.scoring_attention()
+        heads = int(attn.num_heads)
+
+        def on_tower(module: nn.Module, args: tuple, kwargs: dict) -> None:
+            ctx = context.current(handle)
+            if ctx is not None and ctx.owner is handle:
+                grid = kwargs.get("grid_thw", args[1] if len(args) > 1 else None)
+                ctx.capture(self._SIGNAL_GRID_KEY, (grid, kwargs.get("window_index")))
+
+        def on_merger(module: nn.Module, args: tuple) -> None:
+            ctx = context.current(handle)
+            if ctx is not None and ctx.owner is handle:
+                ctx.capture(self._MERGER_IN_KEY, args[0].detach())
+
+        def on_attn(module: nn.Module, args: tuple, kwargs: dict) -> None:
+            ctx = context.current(handle)
+            if ctx is None or ctx.owner is not handle:
+                return
+            x = (args[0] if args else kwargs["hidden_states"]).detach()
+            cos, sin = kwargs.get("position_embeddings", args[2] if len(args) > 2 else None)
+            c = x.shape[-1]
+            with torch.no_grad():
+                w, b = module.qkv.weight[c : 2 * c], (module.qkv.bias[c : 2 * c] if module.qkv.bias is not None else None)
+                k = F.linear(x, w, b).reshape(x.shape[0], heads, -1)
+                _, k = _rope_fn(module)(k, k, cos, sin)
+            ctx.capture(self._KEYS_KEY, k.mean(dim=1))
+            ctx.capture(_FLOPS_KEY, 2.0 * x.shape[0] * c * c)  # the key projection, recomputed
+
+        hooks.forward_pre(self.vision_tower, on_tower, with_kwargs=True)
+        if "vision" in needs:
+            hooks.forward_pre(self.vision_tower.merger, on_merger)
+        if "keys" in needs:
+            hooks.forward_pre(attn, on_attn, with_kwargs=True)
+
+    def vision_signals(self, ctx: context.CallContext, groups: list[VisualGroup], needs: frozenset[str]) -> None:
+        """Per group (image / frame), per merged token in LLM order: "vision", the ``spatial_merge_size**2``
+        merger-input rows of its patches side by side (what the merger's MLP takes after normalising
+        each part), with the merger as ``project``; "keys", the head-mean keys of the last block
+        averaged over the same patches (LightCompress pools Qwen2.5-VL's keys this way). No [CLS]."""
+        check_vision_signals(self, needs)
+        entries = self._entries(ctx.inputs)
+        grids = ctx.captured.get(self._SIGNAL_GRID_KEY, [])
+        unit = self.merge_size**2
+        per_call: list[list[Tensor]] = [[] for _ in grids]
+        parts = []
+        for name, key in (("vision", self._MERGER_IN_KEY), ("keys", self._KEYS_KEY)):
+            if name not in needs:
+                continue
+            found = ctx.captured.get(key, [])
+            if len(found) != len(entries) or len(grids) != len(entries):
+                raise ValueError(
+                    f"vlmprune: expected {len(entries)} Qwen2-VL vision-tower call(s) in this forward, got "
+                    f"{len(found)}; precomputed encoder outputs (mm_encoder_outputs) give no vision signals"
+                )
+            for i, ((grid, window_index), rows) in enumerate(zip(grids, found)):
+                merged = rows.reshape(-1, unit * rows.shape[-1]) if name == "vision" else rows.reshape(
+                    -1, unit, rows.shape[-1]).mean(dim=1)
+                per_call[i].append(self._llm_order(merged, grid, window_index))
+            width = int(per_call[0][-1].shape[-1]) if per_call else 0
+            parts.append((name, width, found[0].dtype if found else torch.float32))
+        carried = self._grouped(ctx, ctx.visual, entries, [signal_carrier(rows, rows=False) for rows in per_call])
+        project = None
+        if "vision" in needs:
+            project = RowProjector(self.vision_tower.merger, unit=int(ctx.captured[self._MERGER_IN_KEY][0].shape[-1]))
+        distribute_signals(groups, carried, parts, None, project)
 
     # -- positions -------------------------------------------------------------------------------
     @staticmethod
