@@ -344,6 +344,27 @@ def test_llava_visionzip_equals_reference(llava, llava_eager, options):
     assert rec.method == "visionzip" and rec.visual_out == [dominant + contextual] * 2
 
 
+def test_llava_visionzip_original_positions_keep_grid_places(llava, llava_eager):
+    """With original positions every new token sits at a grid place of its own: a dominant patch at
+    its own, a contextual token at its target's, the [CLS] token at the first free one."""
+    inputs = llava_inputs(llava, batch=1, seed=2)
+    attn, hidden, metric = clip_reference(llava_eager, inputs["pixel_values"])
+    scores = attn[0, :, 0, 1:].mean(0)
+    dom, rest, targets, ctx = visionzip_formula(scores, hidden[0, 1:], metric[0, 1:], 9, 4)
+    proj = llava_eager.model.multi_modal_projector
+    full = stock_inputs(llava, inputs)
+    cols = llava_columns(inputs, 0, 64)
+    used = set(dom.tolist()) | set(rest[targets].tolist())
+    free = min(set(range(64)) - used)
+    anchors = torch.cat([torch.tensor([free]), dom, rest[targets]])
+    tokens = torch.cat([proj(hidden[0, :1]), full["inputs_embeds"][0][cols[dom]], proj(ctx)])
+    perm = torch.argsort(anchors)
+    order, embeds = expected_row(full, 0, [(cols, anchors[perm], tokens[perm])])
+    got, _ = patched_inputs(llava, inputs, "visionzip", dominant=10, contextual=4, positions="original")
+    assert_row(got, 0, order, embeds)
+    assert torch.equal(got["position_ids"][0], order)  # 1-D positions: each token's original column
+
+
 @pytest.mark.parametrize("options", [dict(ratio=0.75), dict(tokens=32, important_ratio=0.75),
                                      dict(ratio=0.75, important_ratio=1.0)])
 def test_llava_vispruner_equals_reference(llava, llava_eager, options):
