@@ -238,8 +238,10 @@ def test_draft_stable_length_tracks_compressed_accepted_length():
         d = state["drafter"]
         if state["done"]:
             return
-        assert d.cache.length == d.stable
-        lengths.append((d.stable + (d.pending.shape[0] if d.pending is not None else 0), state["sequence"].numel()))
+        assert d.cache.length == d.stable and bool(d.cache.valid.all())  # one row: no padded entries
+        assert int(d.pos[0]) == d.stable
+        pending = d.pending[0]
+        lengths.append((d.stable + (pending.shape[0] if pending is not None else 0), state["sequence"].numel()))
 
     with vlmprune.apply(model, "flash", draft=head, depth=2):
         model.generate(**inp, max_new_tokens=6, do_sample=False, on_round=check)
@@ -432,19 +434,19 @@ def test_save_load_roundtrip_and_errors(tmp_path):
         FlashConfig(depth=0)
 
 
-def test_batch_and_unsupported_options_raise():
+def test_batch_and_options_no_longer_refused_beams_are():
+    """Batches and the standard options run (tests/test_flash_batch.py checks them against plain
+    generate); beam search is refused with the reason."""
     model = _llava()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         h = vlmprune.apply(model, "flash")
     one = llava_prompt(model)
     two = {k: torch.cat([v, v]) for k, v in one.items()}
-    with pytest.raises(ValueError, match="batch size 1"):
-        model.generate(**two, max_new_tokens=4)
-    with pytest.raises(ValueError, match="num_beams"):
+    out = model.generate(**two, max_new_tokens=4, repetition_penalty=1.3)
+    assert out.shape == (2, one["input_ids"].shape[1] + 4) and torch.equal(out[0], out[1])
+    with pytest.raises(ValueError, match="num_beams.*beam search"):
         model.generate(**one, max_new_tokens=4, num_beams=2)
-    with pytest.raises(ValueError, match="repetition_penalty"):
-        model.generate(**one, max_new_tokens=4, repetition_penalty=1.3)
     h.remove()
 
 

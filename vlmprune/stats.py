@@ -51,7 +51,7 @@ class DecodeRecord:
     method: str
     prompt_tokens: int = 0
     new_tokens: int = 0
-    rounds: int = 0  # draft-and-verify rounds (the first token comes from the prefill)
+    rounds: int = 0  # draft-and-verify rounds per prompt, summed (the first token comes from the prefill)
     drafted: int = 0  # tokens the draft proposed
     accepted: int = 0  # drafted tokens the target accepted
     accept_lengths: list[int] = field(default_factory=list)  # accepted drafts per round
@@ -64,15 +64,16 @@ class DecodeRecord:
     depth: int = 0
     k: int = 1
     tree: str | None = None
+    batch: int = 1  # prompts in the call; rounds, drafted, accepted and new_tokens sum over them
 
     @property
     def mean_accepted(self) -> float:
-        """Accepted drafted tokens per round (EAGLE's tau is this plus one)."""
+        """Accepted drafted tokens per round of one prompt (EAGLE's tau is this plus one)."""
         return self.accepted / max(self.rounds, 1)
 
     @property
     def tokens_per_round(self) -> float:
-        return (self.new_tokens - 1) / max(self.rounds, 1) if self.rounds else 0.0
+        return (self.new_tokens - self.batch) / max(self.rounds, 1) if self.rounds else 0.0
 
     @property
     def tokens_per_second(self) -> float:
@@ -82,7 +83,7 @@ class DecodeRecord:
     def decode_tokens_per_second(self) -> float:
         """Tokens after the first over the time after the prefill."""
         t = self.total_s - self.prefill_s
-        return (self.new_tokens - 1) / t if t > 0 else 0.0
+        return (self.new_tokens - self.batch) / t if t > 0 else 0.0
 
     def as_dict(self) -> dict[str, Any]:
         return {**asdict(self), "mean_accepted": self.mean_accepted, "tokens_per_round": self.tokens_per_round,

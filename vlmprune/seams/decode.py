@@ -7,12 +7,21 @@ greedy decoding, exactly the tokens plain greedy decoding would. The target cach
 to the accepted path, and the drafter is told the accepted tokens with their *real* target
 features (its speculative cache entries are dropped).
 
+Chain drafting runs on a batch (:func:`speculative_decode`, transformers' ``generate`` prepares
+the call and hands it the logits processors and stopping criteria): every row accepts its own
+number of drafts per round. The rows share one cache length; a row's rejected columns stay in
+the cache masked out (attention mask 0) until the columns no row needs are cropped or the rows are
+compacted, and each row's positions continue from its own accepted length, so every row sees
+exactly what plain ``generate`` gives it. Rows that finish leave the batch.
+
 The verification rules are pure functions (``verify_greedy``, ``verify_chain_sampling``,
-``verify_siblings``) so their losslessness is tested on tiny vocabularies without a model.
+``verify_chain_sampling_batch``, ``verify_siblings``) so their losslessness is tested on tiny
+vocabularies without a model.
 """
 
 from __future__ import annotations
 
+import copy
 import inspect
 import time
 import weakref
@@ -26,6 +35,7 @@ from torch import Tensor, nn
 
 from .. import context
 from ..stats import DecodeRecord
+from .pre_llm import cache_length
 
 #: where the decoder's last hidden states go while a speculative call runs (None otherwise)
 _CAPTURE: ContextVar[list | None] = ContextVar("vlmprune_flash_capture", default=None)
@@ -112,6 +122,39 @@ def verify_chain_sampling(
     return d, _sample(target_probs[d], generator)
 
 
+def verify_chain_sampling_batch(
+    target_probs: Tensor, draft_probs: Tensor, draft_tokens: Tensor, generator: torch.Generator | None
+) -> tuple[Tensor, Tensor]:
+    """Chain speculative sampling for a batch: (accepted drafts (B,), next token (B,)).
+
+    ``target_probs`` (B, D+1, V), ``draft_probs`` (B, D, V) the q each draft token (B, D) was drawn
+    from. Draft ``i`` of a row is accepted with probability ``min(1, p_i(x)/q_i(x))`` (one uniform
+    per draft, so this is :func:`verify_chain_sampling` with its draws made at once); at the first
+    rejection the token comes from ``norm(max(p - q, 0))``, after a fully accepted chain from
+    ``p_D``. Every emitted token is distributed as the target's ``p``.
+    """
+    bsz, depth = draft_tokens.shape
+    vocab = target_probs.shape[-1]
+    p = target_probs.float()
+    if depth == 0:
+        return (torch.zeros(bsz, dtype=torch.long, device=p.device),
+                torch.multinomial(p[:, 0], 1, generator=generator).squeeze(1))
+    q = draft_probs.float().to(p.device)
+    x = draft_tokens.to(p.device).unsqueeze(-1)
+    px = p[:, :depth].gather(-1, x).squeeze(-1)
+    qx = q.gather(-1, x).squeeze(-1)
+    u = torch.rand(bsz, depth, generator=generator, device=p.device if generator is None else generator.device)
+    ok = (qx > 0) & (u.to(p.device) * qx < px)  # u < min(1, p/q)
+    accepted = ok.long().cumprod(1).sum(1)
+    p_at = p.gather(1, accepted.view(bsz, 1, 1).expand(bsz, 1, vocab)).squeeze(1)
+    q_at = q.gather(1, accepted.clamp(max=depth - 1).view(bsz, 1, 1).expand(bsz, 1, vocab)).squeeze(1)
+    q_at = q_at * (accepted < depth).unsqueeze(1).to(q_at.dtype)  # a full chain samples p_D itself
+    residual = (p_at - q_at).clamp(min=0)
+    total = residual.sum(-1, keepdim=True)
+    dist = torch.where(total > 0, residual / total.clamp(min=1e-30), p_at)
+    return accepted, torch.multinomial(dist, 1, generator=generator).squeeze(1)
+
+
 def static_tree(branches: int, depth: int) -> tuple[Tensor, Tensor, Tensor]:
     """The toolkit's static tree: a root (the last emitted token), ``branches`` children (top-w at
     offset 1), each continued by a chain to ``depth``. Returns (table (w, D) node index of branch
@@ -184,6 +227,61 @@ class Drafter(Protocol):
     def propose(
         self, depth: int, sampling: Sampling | None, generator: torch.Generator | None
     ) -> tuple[Tensor, Tensor | None]: ...
+
+
+class BatchDrafter(Protocol):
+    """The batched form of :class:`Drafter` (rows in the batch's current order; ``select_rows``
+    drops the rows that finished). A drafter without it is run row by row (:class:`RowDrafters`)."""
+
+    def reset_batch(self, prompts: list[PromptView], first_tokens: list[int]) -> None: ...
+
+    def extend_batch(self, next_tokens: list[Tensor], features: list[Tensor]) -> None: ...
+
+    def propose_batch(
+        self, depth: int, sampling: Sampling | None, generator: torch.Generator | None
+    ) -> tuple[Tensor, Tensor | None]: ...
+
+    def select_rows(self, rows: Tensor) -> None: ...
+
+
+class RowDrafters:
+    """A one-sequence :class:`Drafter` run once per row: row 0 is the drafter itself, the other rows
+    shallow copies (each ``reset`` gives a copy its own state; modules stay shared)."""
+
+    def __init__(self, drafter: Any) -> None:
+        self.template = drafter
+        self.rows: list[Any] = []
+
+    @property
+    def forwards(self) -> int:
+        return sum(int(getattr(d, "forwards", 0)) for d in self.rows)
+
+    def reset_batch(self, prompts: list[PromptView], first_tokens: list[int]) -> None:
+        self.rows = [self.template if i == 0 else copy.copy(self.template) for i in range(len(prompts))]
+        for drafter, prompt, first in zip(self.rows, prompts, first_tokens):
+            drafter.reset(prompt, int(first))
+
+    def extend_batch(self, next_tokens: list[Tensor], features: list[Tensor]) -> None:
+        for drafter, tokens, feats in zip(self.rows, next_tokens, features):
+            drafter.extend(tokens, feats)
+
+    def propose_batch(
+        self, depth: int, sampling: Sampling | None, generator: torch.Generator | None
+    ) -> tuple[Tensor, Tensor | None]:
+        out = [drafter.propose(depth, sampling, generator) for drafter in self.rows]
+        for tokens, _ in out:
+            if tokens.shape[0] != depth:
+                raise RuntimeError(f"flash: the drafter proposed {tokens.shape[0]} tokens for depth {depth}")
+        tokens = torch.stack([t for t, _ in out])
+        qs = [q for _, q in out]
+        return tokens, (torch.stack(qs) if all(q is not None for q in qs) else None)
+
+    def select_rows(self, rows: Tensor) -> None:
+        self.rows = [self.rows[i] for i in rows.tolist()]
+
+
+def as_batch_drafter(drafter: Any) -> Any:
+    return drafter if hasattr(drafter, "reset_batch") else RowDrafters(drafter)
 
 
 # -- target side -----------------------------------------------------------------------------------
@@ -396,6 +494,437 @@ def speculative_generate(
     record.total_s = time.perf_counter() - began
     out_ids = torch.cat([input_ids, torch.tensor([emitted], dtype=input_ids.dtype, device=device)], dim=1)
     return out_ids, record
+
+
+# -- the batched chain loop (transformers' generate prepares it) -------------------------------------
+
+
+def decode_states(modules: list[nn.Module], cache: Any) -> list[Any]:
+    """The decode bookkeeping that seams keep for ``cache`` (the pre-LLM seam continues positions and
+    the mask after a pruned prefill from it); the loop keeps it in step with the cache."""
+    from .pre_llm import DecodeState
+
+    found = []
+    for module in modules:
+        for hook in list(module._forward_pre_hooks.values()):
+            owner = getattr(hook, "__self__", None)
+            states = getattr(owner, "_states", None)
+            if not isinstance(states, weakref.WeakKeyDictionary) or cache not in states:
+                continue
+            state = states[cache]
+            if not isinstance(state, DecodeState):
+                raise ValueError(
+                    f"flash: cannot roll back the decode state of {type(owner).__name__} after rejected "
+                    "drafts; speculative decoding does not compose with that method"
+                )
+            found.append(state)
+    return found
+
+
+def _row_groups(lengths: list[int]) -> list[tuple[int, Tensor]]:
+    """Active rows (by position) with the same current length."""
+    groups: dict[int, list[int]] = {}
+    for i, n in enumerate(lengths):
+        groups.setdefault(n, []).append(i)
+    return [(n, torch.tensor(rows)) for n, rows in groups.items()]
+
+
+def _full_batch(history: Tensor, length: int, rows: Tensor, tail: Tensor) -> Tensor:
+    """The whole batch's ids at ``length + tail`` columns, as plain generate's processors and
+    criteria get them: rows ``rows`` hold their sequence and ``tail``; the other rows filler (their
+    outputs are not read). Processors may keep per-row state (e.g. the repetition penalty's
+    per-row prompt length), so they always see every row at its own index."""
+    ids = torch.cat([history[:, :length], history.new_zeros(history.shape[0], tail.shape[1])], dim=1)
+    ids[rows, length:] = tail
+    return ids
+
+
+def _processed(processors: Any, history: Tensor, active: Tensor, cand: Tensor, logits: Tensor,
+               lengths: list[int]) -> Tensor:
+    """Scores at each verified position: ``processors(ids so far, logits)`` where the ids so far are
+    the row's sequence plus the drafts before that position, exactly what plain ``generate`` would
+    pass at that step (transformers' assisted decoding does the same)."""
+    if not processors:
+        return logits
+    out = torch.empty_like(logits)
+    n = cand.shape[1]
+    for length, local in _row_groups(lengths):
+        local = local.to(cand.device)
+        rows = active.to(cand.device)[local]
+        full = _full_batch(history, length, rows, cand[local, 1:])
+        scores = logits.new_zeros(history.shape[0], logits.shape[-1])
+        for i in range(n):
+            scores[rows] = logits[local, i]
+            out[local, i] = processors(full[:, : length + i], scores.clone())[rows]
+    return out
+
+
+def _first_stops(criteria: Any, history: Tensor, active: Tensor, new: Tensor, count: Tensor, lengths: list[int],
+                 check: Tensor) -> Tensor:
+    """Per active row, the index of the first new token after which ``criteria`` stop it (-1: none);
+    only rows where ``check`` is set are examined."""
+    first = torch.full((new.shape[0],), -1, dtype=torch.long)
+    counts = count.tolist()
+    for length, local in _row_groups(lengths):
+        local = local[check[local]]
+        if local.numel() == 0:
+            continue
+        rows = active[local].to(history.device)
+        full = _full_batch(history, length, rows, new[local.to(new.device)])
+        for j in range(max(counts[r] for r in local.tolist())):
+            live = torch.tensor([counts[r] > j and int(first[r]) < 0 for r in local.tolist()])
+            if not bool(live.any()):
+                break
+            done = criteria(full[:, : length + j + 1], None)[rows].cpu()
+            first[local[live & done]] = j
+    return first
+
+
+def _compact_cache(cache: Any, start: int, index: Tensor) -> None:
+    """Per row, keep the cache columns ``start + index[row]`` after the first ``start`` (in order)."""
+    for layer in cache.layers:
+        keys = getattr(layer, "keys", None)
+        if keys is None or keys.numel() == 0:
+            continue
+        for name in ("keys", "values"):
+            x = getattr(layer, name)
+            b, h, _, d = x.shape
+            idx = index.to(x.device)[:, None, :, None].expand(b, h, index.shape[1], d)
+            setattr(layer, name, torch.cat([x[:, :, :start], torch.gather(x[:, :, start:], 2, idx)], dim=2))
+
+
+def _check_cache(cache: Any, rows: int) -> None:
+    from transformers.cache_utils import DynamicCache, DynamicLayer
+
+    if not isinstance(cache, DynamicCache):
+        raise ValueError(f"flash: speculative decoding needs a DynamicCache (it crops rejected columns); got "
+                         f"{type(cache).__name__}. Leave cache_implementation unset")
+    if rows > 1:
+        for layer in cache.layers:
+            if type(layer) is not DynamicLayer or getattr(layer, "is_sliding", False):
+                raise ValueError(
+                    f"flash: batched speculative decoding keeps rejected columns masked in the cache, which a "
+                    f"{type(layer).__name__} (sliding window / linear attention) would count as context; "
+                    "call generate once per prompt for this model"
+                )
+
+
+@torch.no_grad()
+def speculative_decode(
+    model: nn.Module,
+    input_ids: Tensor,
+    logits_processor: Any,
+    stopping_criteria: Any,
+    generation_config: Any,
+    *,
+    adapter: Any,
+    drafter: Any,
+    depth: int,
+    draft_sampling: Sampling | None = None,
+    generator: torch.Generator | None = None,
+    streamer: Any = None,
+    on_round: Callable[[dict[str, Any]], None] | None = None,
+    record: DecodeRecord,
+    **model_kwargs: Any,
+) -> Tensor:
+    """The speculative chain loop as a transformers decoding method (``generate(custom_generate=...)``
+    calls it with the prepared batch, cache, processors and criteria, as it calls ``_sample``).
+
+    ``input_ids`` (B, L) may be left-padded. Each target logit row is processed by
+    ``logits_processor`` with the ids that plain ``generate`` would have at that step; greedy takes
+    the argmax, sampling uses :func:`verify_chain_sampling_batch` (``draft_sampling``: how the
+    drafter draws, its q). ``stopping_criteria`` end rows as in ``_sample``: with an EOS criterion a
+    finished row is padded with the pad token, without one it keeps decoding until every row is
+    done. Returns the (B, L + new) ids; ``record`` gets the stats.
+    """
+    gc = generation_config
+    device = input_ids.device
+    bsz, prompt_len = input_ids.shape
+    do_sample = bool(gc.do_sample)
+    pad = gc._pad_token_tensor
+    has_eos = any(hasattr(c, "eos_token_id") for c in stopping_criteria)
+    from transformers.generation.stopping_criteria import EosTokenCriteria, MaxLengthCriteria
+
+    simple_stops = all(type(c) in (EosTokenCriteria, MaxLengthCriteria) for c in stopping_criteria)
+    eos = torch.cat([c.eos_token_id.view(-1).to(device) for c in stopping_criteria if isinstance(c, EosTokenCriteria)]
+                    or [torch.empty(0, dtype=torch.long, device=device)])
+    max_new = int(gc.max_length) - prompt_len
+    drafter = as_batch_drafter(drafter)
+    sink: list[Tensor] = []
+    token = _CAPTURE.set(sink)
+    pruned_columns: list[Any] = [None, None]
+    record.prompt_tokens = prompt_len
+    record.batch = bsz
+    began = time.perf_counter()
+    try:
+        # -- prefill (exactly plain generate's) ------------------------------------------------
+        prompt_mask = model_kwargs.get("attention_mask")
+
+        def probe(module: nn.Module, args: tuple, output: Any) -> None:
+            pruned_columns[:] = _pruned_columns(model)
+
+        probe_handle = adapter.decoder.register_forward_hook(probe)
+        try:
+            outputs = model._prefill(input_ids, gc, model_kwargs)
+        finally:
+            probe_handle.remove()
+        model_kwargs = model._update_model_kwargs_for_generation(outputs, model_kwargs)
+        cache = model_kwargs.get("cache")
+        _check_cache(cache, bsz)
+        hidden = torch.cat(sink, dim=1) if len(sink) > 1 else sink[-1]
+        sink.clear()
+        scores = logits_processor(input_ids, outputs.logits[:, -1].to(copy=True, dtype=torch.float32))
+        del outputs
+        if do_sample:
+            first = torch.multinomial(torch.softmax(scores, -1), 1, generator=generator).squeeze(1)
+        else:
+            first = scores.argmax(-1)
+        fill = int(pad) if pad is not None else 0
+        history = torch.full((bsz, prompt_len + max(max_new, 1)), fill, dtype=input_ids.dtype, device=device)
+        history[:, :prompt_len] = input_ids
+        history[:, prompt_len] = first
+        generated = torch.ones(bsz, dtype=torch.long)  # per row (CPU bookkeeping)
+        if simple_stops:
+            stopped = torch.isin(first, eos).cpu() | (max_new <= 1)
+        else:
+            stopped = stopping_criteria(history[:, : prompt_len + 1], None).cpu()
+        stop_at = torch.where(stopped, 1, -1)
+        if streamer is not None:
+            streamer.put(first.cpu())
+        _sync(device)
+        record.prefill_s = time.perf_counter() - began
+        record.target_forwards = 1
+
+        # -- per-row state ---------------------------------------------------------------------
+        cache_start = cache_length(cache)  # the prefill's columns (fewer than L after pruning)
+        states = decode_states([adapter.decoder], cache)
+        positions = model_kwargs.get("position_ids")
+        next_pos = positions[..., -1:].clone() if positions is not None else None  # (..., B, 1)
+        static = {key: value for key, value in model_kwargs.items()
+                  if key not in ("attention_mask", "position_ids", "cache", "token_type_ids", "mm_token_type_ids",
+                                 "moe_mm_token_type_ids", "logits_to_keep", "use_cache")}
+        token_types = model_kwargs.get("token_type_ids")
+        last_type = token_types[:, -1:] if token_types is not None else None
+        mm_types = [key for key in ("mm_token_type_ids", "moe_mm_token_type_ids") if model_kwargs.get(key) is not None]
+        dec_mask = torch.ones(bsz, 0, dtype=torch.bool, device=device)  # the cache's columns after the prefill
+        limit = None  # rows' common length once every row has stopped (no EOS criterion)
+
+        def finished(rows: Tensor) -> Tensor:
+            """With an EOS criterion a stopped row is done (pads follow); without one every row
+            decodes until all have stopped (``limit``: the step plain generate would end at)."""
+            out = generated[rows] >= max_new
+            if has_eos:
+                return out | stopped[rows]
+            return out | (generated[rows] >= limit) if limit is not None else out
+
+        if not has_eos and bool(stopped.all()):
+            limit = int(stop_at.max())
+        active = torch.arange(bsz)[~finished(torch.arange(bsz))]
+        if active.numel():
+            prompts = _prompt_views(adapter, input_ids, prompt_mask, hidden, pruned_columns, active, device)
+            drafter.reset_batch(prompts, first[active.to(device)].tolist())
+            if active.numel() < bsz:
+                _select(active, cache, states, None)  # the drafter was given the active rows only
+                dec_mask = dec_mask[active.to(device)]
+                if next_pos is not None:
+                    next_pos = next_pos.index_select(-2, active.to(device))
+                last_type = last_type[active.to(device)] if last_type is not None else None
+        del hidden
+
+        # -- rounds ----------------------------------------------------------------------------
+        while active.numel():
+            rows_dev = active.to(device)
+            n_rows = active.numel()
+            cap = (limit if limit is not None else max_new) - generated[active]
+            d = max(0, min(depth, int(cap.max()) - 1))
+            t0 = time.perf_counter()
+            if d > 0:
+                drafted, q = drafter.propose_batch(d, draft_sampling, generator)
+                drafted = drafted.to(device)
+            else:
+                drafted, q = torch.empty(n_rows, 0, dtype=torch.long, device=device), None
+            _sync(device)
+            t1 = time.perf_counter()
+            lengths = (prompt_len + generated[active]).tolist()
+            last = history[rows_dev, (prompt_len + generated[active] - 1).to(device)]
+            cand = torch.cat([last.unsqueeze(1), drafted], dim=1)
+            n = d + 1
+            holes = not bool(dec_mask.all())
+            if prompt_mask is None and not holes:
+                mask = None
+            else:
+                pm = prompt_mask[rows_dev] if prompt_mask is not None else torch.ones(
+                    n_rows, prompt_len, dtype=torch.long, device=device)
+                mask = torch.cat([pm, dec_mask.to(pm.dtype), pm.new_ones(n_rows, n)], dim=1)
+            kwargs = dict(static)
+            if next_pos is not None:
+                kwargs["position_ids"] = next_pos + torch.arange(n, device=device)
+            elif n_rows > 1 or holes:
+                raise ValueError("flash: the model takes no position_ids, so a batch cannot continue per row")
+            if last_type is not None:
+                kwargs["token_type_ids"] = last_type.expand(n_rows, n)
+            for key in mm_types:
+                kwargs[key] = torch.zeros(n_rows, n, dtype=model_kwargs[key].dtype, device=device)
+            inputs = model.prepare_inputs_for_generation(cand, next_sequence_length=n, cache=cache,
+                                                         attention_mask=mask, use_cache=True, **kwargs)
+            inputs.pop("logits_to_keep", None)
+            out = model(**inputs, return_dict=True)
+            feats = sink[-1]
+            sink.clear()
+            logits = out.logits[:, -n:].to(dtype=torch.float32)
+            del out
+            scores = _processed(logits_processor, history, active, cand, logits, lengths)
+            if do_sample:
+                accepted, bonus = verify_chain_sampling_batch(torch.softmax(scores, -1), q, drafted, generator)
+            else:
+                best = scores.argmax(-1)
+                accepted = (best[:, :d] == drafted).long().cumprod(1).sum(1) if d else torch.zeros_like(best[:, 0])
+                bonus = best.gather(1, accepted.unsqueeze(1)).squeeze(1)
+            new = torch.cat([drafted, drafted.new_zeros(n_rows, 1)], dim=1)
+            new.scatter_(1, accepted.unsqueeze(1), bonus.unsqueeze(1))
+            count = (accepted + 1).cpu()
+            acc_cpu = accepted.cpu()
+            # -- stops -----------------------------------------------------------------------
+            steps = torch.arange(n)
+            fresh = ~stopped[active]
+            if simple_stops:
+                hit = (torch.isin(new, eos).cpu() | ((generated[active] + 1).unsqueeze(1) + steps >= max_new))
+                hit &= steps < count.unsqueeze(1)
+                first_stop = torch.where(hit.any(1), hit.long().argmax(1), -1)
+            else:
+                first_stop = _first_stops(stopping_criteria, history, active, new, count, lengths, fresh)
+            first_stop = torch.where(fresh, first_stop, -1)
+            newly = first_stop >= 0
+            stop_at[active[newly]] = generated[active[newly]] + first_stop[newly] + 1
+            stopped[active[newly]] = True
+            keep = count.clone()
+            if has_eos:
+                keep = torch.where(newly, first_stop + 1, keep)
+            if not has_eos and limit is None and bool(stopped.all()):
+                limit = int(stop_at.max())
+            keep = torch.minimum(keep, (limit if limit is not None else max_new) - generated[active]).clamp(min=0)
+            # -- emit ------------------------------------------------------------------------
+            cols = (prompt_len + generated[active]).unsqueeze(1) + steps
+            write = steps < keep.unsqueeze(1)
+            history[rows_dev.unsqueeze(1).expand(-1, n)[write.to(device)], cols[write].to(device)] = new[write.to(device)]
+            if streamer is not None and int(keep[0]) > 0:
+                for tok in new[0, : int(keep[0])].tolist():
+                    streamer.put(torch.tensor([tok]))
+            generated[active] += keep
+            if limit is not None:
+                generated.clamp_(max=limit)  # rows that ran ahead of the last row to stop end with it
+            # -- the cache: accepted columns stay, rejected ones are masked, then cropped -----
+            accepted_cols = torch.arange(n, device=device).unsqueeze(0) < (accepted + 1).unsqueeze(1)
+            dec_mask = torch.cat([dec_mask, accepted_cols], dim=1)
+            rejected = (n - 1 - accepted)
+            if next_pos is not None:
+                shape = [1] * (next_pos.dim() - 2) + [n_rows, 1]
+                next_pos = next_pos + (accepted + 1).view(shape).to(next_pos.dtype)
+            for state in states:
+                state.next_position = state.next_position - rejected.to(state.next_position.device)
+            record.rounds += n_rows
+            record.drafted += n_rows * d
+            record.accepted += int(acc_cpu.sum())
+            record.accept_lengths.extend(acc_cpu.tolist())
+            record.target_forwards += 1
+            done = finished(active)
+            going = (~done).nonzero().squeeze(1)
+            if done.any():
+                active = active[~done]
+            if done.any() and active.numel():
+                _select(going, cache, states, drafter)
+                dec_mask = dec_mask[going.to(device)]
+                if next_pos is not None:
+                    next_pos = next_pos.index_select(-2, going.to(device))
+                last_type = last_type[going.to(device)] if last_type is not None else None
+            dec_mask = _trim(cache, cache_start, dec_mask, depth)
+            for state in states:
+                region = dec_mask.to(state.mask.dtype)
+                state.mask = torch.cat([state.mask[:, :cache_start], region], dim=1)
+                state.pass_mask = state.pass_mask or not bool(dec_mask.all())
+            if cache_length(cache) != cache_start + dec_mask.shape[1]:
+                raise RuntimeError("flash: the target cache does not hold the accepted sequences")
+            if active.numel():
+                t3 = time.perf_counter()
+                kept = going.to(device)
+                acc_kept = accepted[kept]
+                drafter.extend_batch([new[r, : int(a) + 1] for r, a in zip(kept.tolist(), acc_kept.tolist())],
+                                     [feats[r, : int(a) + 1] for r, a in zip(kept.tolist(), acc_kept.tolist())])
+                record.draft_s += time.perf_counter() - t3
+            _sync(device)
+            t2 = time.perf_counter()
+            record.draft_s += t1 - t0
+            record.verify_s += t2 - t1
+            if on_round is not None:
+                on_round({"cache": cache, "accepted": acc_cpu.tolist(), "drafted": drafted, "drafter": drafter,
+                          "rows": active.tolist(), "mask": dec_mask, "cache_start": cache_start,
+                          "sequences": [history[r, : prompt_len + int(generated[r])] for r in range(bsz)],
+                          "sequence": history[0, : prompt_len + int(generated[0]) - 1] if bsz == 1 else None,
+                          "done": not active.numel()})
+    finally:
+        _CAPTURE.reset(token)
+    if streamer is not None:
+        streamer.end()
+    total = int(generated.max())
+    record.new_tokens = int(generated.sum())
+    record.draft_forwards = int(getattr(drafter, "forwards", 0))
+    _sync(device)
+    record.total_s = time.perf_counter() - began
+    return history[:, : prompt_len + total]
+
+
+def _prompt_views(adapter: Any, input_ids: Tensor, prompt_mask: Tensor | None, hidden: Tensor,
+                  pruned: list[Any], rows: Tensor, device: torch.device) -> list[PromptView]:
+    """Each row's decoder columns for the drafter, padding left out (and pruned columns, via the
+    seam's column map)."""
+    visual_ids = torch.tensor(adapter.placeholder_ids(), device=device)
+    mask = prompt_mask.bool() if prompt_mask is not None else torch.ones_like(input_ids, dtype=torch.bool)
+    if hidden.shape[1] == input_ids.shape[1]:
+        ids, visual, valid = input_ids, torch.isin(input_ids, visual_ids), mask
+    else:
+        columns, vis = pruned
+        if columns is None:
+            raise RuntimeError(
+                "flash: the decoder saw a different number of columns than the prompt has, and no "
+                "pruning seam reported its column map; cannot align the draft's context"
+            )
+        from ..sequence import gather_columns
+
+        ids = gather_columns(input_ids, columns, 0)
+        visual = vis if vis is not None else torch.isin(ids, visual_ids)
+        valid = gather_columns(mask.long(), columns, 0).bool()
+    out = []
+    for r in rows.tolist():
+        keep = valid[r].to(hidden.device)
+        out.append(PromptView(ids[r][keep.to(ids.device)], hidden[r][keep], visual[r][keep.to(visual.device)]))
+    return out
+
+
+def _select(rows: Tensor, cache: Any, states: list[Any], drafter: Any | None) -> None:
+    """Keep only batch rows ``rows`` (finished rows leave) in the cache, the seams' states and the drafter."""
+    cache.batch_select_indices(rows.to(cache.layers[0].keys.device))
+    for state in states:
+        state.mask = state.mask[rows.to(state.mask.device)]
+        state.next_position = state.next_position[rows.to(state.next_position.device)]
+    if drafter is not None:
+        drafter.select_rows(rows)
+
+
+def _trim(cache: Any, start: int, dec_mask: Tensor, depth: int) -> Tensor:
+    """Crop the columns after ``start`` that no row uses; compact the rows once the masked columns
+    would fill a round (rows' accepted columns first, in order). Returns the new column mask."""
+    width = dec_mask.shape[1]
+    used = dec_mask.any(0).nonzero()
+    keep = int(used.max()) + 1 if used.numel() else 0
+    if keep < width:
+        cache.crop(keep - width)
+        dec_mask = dec_mask[:, :keep]
+    if keep - int(dec_mask.sum(1).max()) >= depth + 1:
+        from vlmprune.methods.flash.draft import compact_index
+
+        index, dec_mask = compact_index(dec_mask)
+        _compact_cache(cache, start, index)
+    return dec_mask
 
 
 def _tree_inputs(adapter: Any, anc: Tensor, depths: Tensor, past: int, device: torch.device,

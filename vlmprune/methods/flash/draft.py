@@ -111,19 +111,26 @@ class DraftCache:
     """The draft's own KV cache: (B, kv_heads, length, head_dim) tensors that can be cropped.
 
     ``crop`` is how a round drops the drafted (speculative) positions and keeps the accepted ones.
+    ``valid`` (B, length) marks real entries: in a batch, rows accept different numbers of tokens
+    per round, so a row's shorter block is padded and its pads are masked out of attention (and
+    squeezed out by ``compact``).
     """
 
     def __init__(self) -> None:
         self.k: Tensor | None = None
         self.v: Tensor | None = None
+        self.valid: Tensor | None = None
 
     @property
     def length(self) -> int:
         return 0 if self.k is None else int(self.k.shape[2])
 
-    def append(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+    def append(self, k: Tensor, v: Tensor, valid: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        if valid is None:
+            valid = torch.ones(k.shape[0], k.shape[2], dtype=torch.bool, device=k.device)
         self.k = k if self.k is None else torch.cat([self.k, k], dim=2)
         self.v = v if self.v is None else torch.cat([self.v, v], dim=2)
+        self.valid = valid.bool() if self.valid is None else torch.cat([self.valid, valid.bool()], dim=1)
         return self.k, self.v
 
     def expand_rows(self, rows: int) -> None:
@@ -131,16 +138,54 @@ class DraftCache:
         if self.k is not None and self.k.shape[0] != rows:
             self.k = self.k[:1].expand(rows, -1, -1, -1).contiguous()
             self.v = self.v[:1].expand(rows, -1, -1, -1).contiguous()
+            self.valid = self.valid[:1].expand(rows, -1).contiguous()
 
     def keep_row(self, row: int) -> None:
         if self.k is not None and self.k.shape[0] > 1:
             self.k = self.k[row : row + 1]
             self.v = self.v[row : row + 1]
+            self.valid = self.valid[row : row + 1]
+
+    def select_rows(self, rows: Tensor) -> None:
+        """Keep the batch rows ``rows`` (finished samples leave the batch)."""
+        if self.k is not None:
+            self.k, self.v, self.valid = self.k[rows], self.v[rows], self.valid[rows]
 
     def crop(self, length: int) -> None:
         if self.k is not None and self.k.shape[2] > length:
             self.k = self.k[:, :, :length]
             self.v = self.v[:, :, :length]
+            self.valid = self.valid[:, :length]
+
+    def waste(self) -> int:
+        """Columns that compacting would free (the longest row's real entries are all that is needed)."""
+        return 0 if self.valid is None else self.length - int(self.valid.sum(1).max())
+
+    def compact(self) -> None:
+        """Move every row's real entries to the front (order kept) and drop the freed columns.
+        Exact: the entries carry their positions in their rotated keys, and pads are masked."""
+        if self.k is None:
+            return
+        index, valid = compact_index(self.valid)
+        self.k = _gather_columns(self.k, index)
+        self.v = _gather_columns(self.v, index)
+        self.valid = valid
+
+
+def compact_index(valid: Tensor) -> tuple[Tensor, Tensor]:
+    """(index (B, T'), valid (B, T')): per row, the columns of its real entries first, in order;
+    ``T'`` is the longest row's count (shorter rows end in masked filler columns)."""
+    order = torch.sort((~valid).to(torch.uint8), dim=1, stable=True).indices
+    count = valid.sum(1)
+    width = int(count.max()) if valid.numel() else 0
+    index = order[:, :width]
+    return index, torch.arange(width, device=valid.device).unsqueeze(0) < count.unsqueeze(1)
+
+
+def _gather_columns(x: Tensor, index: Tensor) -> Tensor:
+    """x (B, heads, T, d) -> (B, heads, T', d) with per-row columns ``index`` (B, T')."""
+    b, h, _, d = x.shape
+    return torch.gather(x, 2, index.to(x.device)[:, None, :, None].expand(b, h, index.shape[1], d))
 
 
 class DraftHead(nn.Module):
@@ -196,6 +241,8 @@ class DraftHead(nn.Module):
     def _rope(self, x: Tensor, positions: Tensor) -> Tensor:
         freqs = positions.to(torch.float32).unsqueeze(-1) * self.inv_freq.to(positions.device)
         emb = torch.cat([freqs, freqs], dim=-1)
+        if emb.dim() == 3:  # per-row positions (B, m): broadcast over the heads
+            emb = emb.unsqueeze(1)
         cos, sin = emb.cos().to(x.dtype), emb.sin().to(x.dtype)
         return x * cos + _rotate_half(x) * sin
 
@@ -203,13 +250,16 @@ class DraftHead(nn.Module):
         self, x: Tensor, positions: Tensor | None = None, cache: DraftCache | None = None,
         valid: Tensor | None = None,
     ) -> Tensor:
-        """x: (B, m, H) fused inputs at 1-D ``positions`` (m,) (default: after the cache).
+        """x: (B, m, H) fused inputs at ``positions``: (m,) for every row or (B, m) per row (default:
+        after the cache).
 
-        ``valid`` (B, m) marks real columns (right padding in training); padded keys are masked.
+        ``valid`` (B, m) marks real columns (right padding in training, a batch row's shorter block
+        in decoding); padded keys, and the cache's own padded entries, are masked.
         """
         spec = self.spec
         bsz, m, _ = x.shape
         past = cache.length if cache is not None else 0
+        past_valid = cache.valid if cache is not None and past > 0 else None
         if positions is None:
             positions = torch.arange(past, past + m, device=x.device)
         h = self.attn_norm(x)
@@ -218,7 +268,7 @@ class DraftHead(nn.Module):
         v = self.v_proj(h).view(bsz, m, spec.num_kv_heads, spec.head_dim).transpose(1, 2)
         q, k = self._rope(q, positions), self._rope(k, positions)
         if cache is not None:
-            k, v = cache.append(k, v)
+            k, v = cache.append(k, v, valid)
         rep = spec.num_heads // spec.num_kv_heads
         if rep > 1:
             k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
@@ -229,8 +279,10 @@ class DraftHead(nn.Module):
             qpos = torch.arange(past, past + m, device=x.device).unsqueeze(1)
             mask = torch.arange(total, device=x.device).unsqueeze(0) <= qpos  # (m, total)
             mask = mask.unsqueeze(0).unsqueeze(0)
-            if valid is not None:
-                keys = torch.cat([torch.ones(bsz, past, dtype=torch.bool, device=x.device), valid.bool()], dim=1)
+            if valid is not None or past_valid is not None:
+                old = past_valid if past_valid is not None else torch.ones(bsz, past, dtype=torch.bool, device=x.device)
+                new = valid.bool() if valid is not None else torch.ones(bsz, m, dtype=torch.bool, device=x.device)
+                keys = torch.cat([old.to(x.device), new], dim=1)
                 mask = mask & keys[:, None, None, :]
             attn = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         x = x + self.o_proj(attn.transpose(1, 2).reshape(bsz, m, -1))

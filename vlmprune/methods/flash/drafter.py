@@ -1,4 +1,5 @@
-"""FLASH's drafter: the draft head driven through the decode seam's drafter protocol."""
+"""FLASH's drafter: the draft head driven through the decode seam's drafter protocol (one
+sequence for tree drafting; a batch of rows, each at its own length, for chain drafting)."""
 
 from __future__ import annotations
 
@@ -49,7 +50,77 @@ class HeadDrafter:
         if sampling is None:
             return logits.argmax(-1), None
         q = sampling.probs(logits)
-        return torch.multinomial(q, 1, generator=gen).squeeze(-1), q
+        tok = torch.multinomial(q.reshape(-1, q.shape[-1]), 1, generator=gen).view(q.shape[:-1])
+        return tok, q
+
+    # -- a batch of rows (chain drafting) ------------------------------------------------------------
+    # The cache's rows share one length; a row that accepted fewer tokens than the longest row of
+    # its round gets padded (masked) entries, and ``pos`` keeps each row's own next position.
+
+    def reset_batch(self, prompts: list[PromptView], first_tokens: list[int]) -> None:
+        seqs = []
+        for prompt, first in zip(prompts, first_tokens):
+            nxt = torch.cat([prompt.ids[1:], prompt.ids.new_tensor([first])])
+            seq, _ = draft_context(self.head, self.embed(nxt.to(self.embed.weight.device)), prompt.hidden, prompt.visual)
+            seqs.append(seq)
+        self.cache = DraftCache()
+        self.stable = 0
+        self.pos = torch.zeros(len(seqs), dtype=torch.long, device=seqs[0].device)
+        self.pending = seqs
+        self.forwards = 0
+
+    def extend_batch(self, next_tokens: list[Tensor], features: list[Tensor]) -> None:
+        """Queue each row's accepted pairs ``(f_t, x_{t+1})`` (rows in the batch's current order)."""
+        self.cache.crop(self.stable)
+        lengths = [int(t.shape[0]) for t in next_tokens]
+        dev = self.embed.weight.device
+        fused = self.head.fuse(self.embed(torch.cat(next_tokens).to(dev)), torch.cat(features).to(dev)).split(lengths)
+        self.pending = [f if p is None else torch.cat([p, f]) for p, f in zip(self.pending, fused)]
+
+    def select_rows(self, rows: Tensor) -> None:
+        """Keep the batch rows ``rows`` (in that order)."""
+        self.cache.crop(self.stable)
+        self.cache.select_rows(rows.to(self.pos.device))
+        self.pos = self.pos[rows.to(self.pos.device)]
+        self.pending = [self.pending[i] for i in rows.tolist()]
+
+    def propose_batch(
+        self, depth: int, sampling: Sampling | None, generator: torch.Generator | None
+    ) -> tuple[Tensor, Tensor | None]:
+        """(tokens (B, depth), q (B, depth, V) or None) for every row."""
+        self.cache.crop(self.stable)
+        if self.cache.waste() > max(8, self.cache.length // 4):
+            self.cache.compact()
+        pending = self.pending
+        if any(p is None or p.shape[0] == 0 for p in pending):
+            raise RuntimeError("flash: the drafter has no new context for a row (extend_batch() was not called)")
+        lengths = torch.tensor([p.shape[0] for p in pending], device=self.pos.device)
+        width = int(lengths.max())
+        x = torch.nn.utils.rnn.pad_sequence(pending, batch_first=True)  # (B, width, H)
+        steps = torch.arange(width, device=self.pos.device)
+        valid = steps.unsqueeze(0) < lengths.unsqueeze(1)
+        out = self.head(x, positions=self.pos.unsqueeze(1) + steps, cache=self.cache, valid=valid)  # (B, width, k, H)
+        self.forwards += 1
+        self.stable = self.cache.length
+        self.pos = self.pos + lengths
+        self.pending = [None] * len(pending)
+        rows = torch.arange(len(pending), device=out.device)
+        feats = out[rows, (lengths - 1).to(out.device), : self.k]  # (B, k, H)
+        tokens, probs, ahead = [], [], 0
+        while True:
+            tok, q = self._tokens(feats, sampling, generator)
+            tokens.append(tok)
+            if q is not None:
+                probs.append(q)
+            ahead += tok.shape[1]
+            if ahead >= depth:
+                break
+            nxt = self.head.fuse(self.embed(tok), feats)  # pairs (f̂_{t+i}, x_{t+1+i}) of every row
+            at = self.pos.unsqueeze(1) + (ahead - tok.shape[1]) + torch.arange(tok.shape[1], device=self.pos.device)
+            feats = self.head(nxt, positions=at, cache=self.cache)[:, -1, : self.k]
+            self.forwards += 1
+        drafted = torch.cat(tokens, dim=1)[:, :depth]
+        return drafted, (torch.cat(probs, dim=1)[:, :depth] if probs else None)
 
     def propose(
         self, depth: int, sampling: Sampling | None, generator: torch.Generator | None
