@@ -134,10 +134,44 @@ def load_builtin(path: str | Path | None = None, device: str = "cpu") -> tuple[A
 
 
 def save_builtin(model: Any, processor: Any, path: str | Path) -> None:
+    """Save in the layout of the published llava-hf checkpoints (``vision_tower.vision_model.*``),
+    which transformers and vLLM both load (transformers 5 would write ``vision_tower.*``, which
+    vLLM does not)."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(path, safe_serialization=True)
     processor.save_pretrained(path)
+    published_layout(path)
+
+
+def published_layout(path: str | Path) -> None:
+    """Rename the vision tower's weights of a saved LLaVA checkpoint to ``vision_tower.vision_model.*``
+    (in place; a checkpoint already in that layout is left as it is)."""
+    import json
+
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    def rename(key: str) -> str:
+        for prefix in ("vision_tower.", "model.vision_tower."):
+            rest = key[len(prefix):]
+            if key.startswith(prefix) and not rest.startswith("vision_model."):
+                return f"{prefix}vision_model.{rest}"
+        return key
+
+    path = Path(path)
+    for file in sorted(path.glob("*.safetensors")):
+        with safe_open(file, "pt") as f:
+            keys, metadata = list(f.keys()), f.metadata()
+            if all(rename(k) == k for k in keys):
+                continue
+            tensors = {rename(k): f.get_tensor(k) for k in keys}
+        save_file(tensors, file, metadata=metadata)
+    index = path / "model.safetensors.index.json"
+    if index.exists():
+        data = json.loads(index.read_text())
+        data["weight_map"] = {rename(k): v for k, v in data.get("weight_map", {}).items()}
+        index.write_text(json.dumps(data, indent=2) + "\n")
 
 
 # -- prompts ---------------------------------------------------------------------------------------

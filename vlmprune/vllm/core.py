@@ -1,0 +1,199 @@
+"""What the vLLM plugin needs from vlmprune, without importing vLLM.
+
+The plugin runs a pre-LLM method's own ``reduce(group) -> Reduction`` on the groups it builds from
+vLLM's encoder outputs, and turns the reductions into LLM-input rows with the pre-LLM seam's own
+:func:`~vlmprune.seams.pre_llm.apply_reductions`; nothing here re-implements a scoring or
+selection rule. This module checks a configuration (a clear error at start-up instead of a wrong
+answer) and answers the two questions vLLM asks: how many placeholder tokens an image gets, and
+which rows its multimodal embedding returns.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .. import registry
+from ..method import Method, MethodConfig, Stage
+from ..seams.pre_llm import PreLLMMethod, PreLLMSeam, VisualGroup, apply_reductions, fill_signals
+
+#: the key of vLLM's ``additional_config`` this plugin reads
+CONFIG_KEY = "vlmprune"
+#: signals the engine can hand a method (the projector outputs of the image itself)
+ENGINE_SIGNALS = frozenset({"features"})
+#: how each stage's methods relate to vLLM, for the error a user gets
+_STAGE_REASON = {
+    Stage.ENCODER: "it acts inside the vision tower with a count that depends on the image, while vLLM "
+    "reserves each image's placeholder tokens before the image is encoded",
+    Stage.LLM: "it acts inside the decoder layers, which would need vLLM's attention kernels and paged KV "
+    "cache patched; the plugin only acts before the LLM",
+    Stage.DECODE: "it replaces the decoding loop (speculative decoding); vLLM schedules decoding itself",
+}
+
+
+class PluginConfigError(ValueError):
+    """A ``{"vlmprune": {...}}`` configuration vLLM cannot run; raised at engine start-up."""
+
+
+@dataclass(frozen=True)
+class Settings:
+    """A parsed ``additional_config["vlmprune"]``: the method's name and its options."""
+
+    method: str
+    options: tuple[tuple[str, Any], ...]
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"method": self.method, **dict(self.options)}
+
+    def config(self) -> MethodConfig:
+        try:
+            return registry.make_config(self.method, dict(self.options))
+        except (TypeError, ValueError) as exc:
+            raise PluginConfigError(f"vlmprune (vLLM plugin): {exc}") from exc
+
+
+def settings_from(additional_config: Any) -> Settings | None:
+    """The plugin's settings in vLLM's ``additional_config`` (a dict, or a JSON string as the
+    command line gives it), or None when it holds no ``"vlmprune"`` entry."""
+    if additional_config is None:
+        return None
+    if isinstance(additional_config, str):
+        import json
+
+        additional_config = json.loads(additional_config) if additional_config.strip() else {}
+    if not isinstance(additional_config, Mapping) or CONFIG_KEY not in additional_config:
+        return None
+    raw = additional_config[CONFIG_KEY]
+    if isinstance(raw, str):
+        raw = {"method": raw}
+    if not isinstance(raw, Mapping) or not isinstance(raw.get("method"), str):
+        raise PluginConfigError(
+            'vlmprune (vLLM plugin): expected additional_config {"vlmprune": {"method": NAME, "ratio": R, ...}}, '
+            f"got {raw!r}"
+        )
+    options = tuple(sorted((str(k), v) for k, v in raw.items() if k != "method"))
+    return Settings(raw["method"], options)
+
+
+class EngineAdapter:
+    """What a method may ask of its adapter when it runs in vLLM: only the score kind (a method's
+    label names the no-[CLS] fallback). Everything else about the model lives in the plugin."""
+
+    family = "vllm"
+
+    def __init__(self, score_kind: str) -> None:
+        self.score_kind = score_kind
+
+
+def build_method(settings: Settings, score_kind: str = "cls") -> PreLLMMethod:
+    """The configured method, checked to be one the engine can run: a pre-LLM method on the plain
+    pre-LLM seam whose signals the engine provides and whose kept count is fixed in advance."""
+    config = settings.config()
+    _, method_cls = registry.lookup(settings.method)
+    if config.stage != Stage.PRE_LLM:
+        raise PluginConfigError(
+            f"vlmprune (vLLM plugin): method {settings.method!r} cannot run in vLLM: "
+            f"{_STAGE_REASON.get(config.stage, 'it does not act before the LLM')}. "
+            f"Methods that can: {', '.join(engine_methods())}"
+        )
+    if not issubclass(method_cls, PreLLMMethod) or tuple(method_cls.seams) != (PreLLMSeam,):
+        raise PluginConfigError(
+            f"vlmprune (vLLM plugin): method {settings.method!r} cannot run in vLLM: it is not a plain "
+            "per-image pre-LLM reduction (it brings its own seam or layers). "
+            f"Methods that can: {', '.join(engine_methods())}"
+        )
+    needs = frozenset(getattr(method_cls, "needs", ()))
+    missing = needs - ENGINE_SIGNALS
+    if missing:
+        what = "the prompt's instruction, which vLLM's encoder never sees (and its encoder cache is " \
+               "keyed by the image alone)" if "instruction" in missing else "vision-tower signals"
+        raise PluginConfigError(
+            f"vlmprune (vLLM plugin): method {settings.method!r} needs {', '.join(sorted(missing))} "
+            f"({what}); the plugin provides {', '.join(sorted(ENGINE_SIGNALS))} and [CLS] scores"
+        )
+    if method_cls.needs_scores not in (None, "cls"):
+        raise PluginConfigError(
+            f"vlmprune (vLLM plugin): method {settings.method!r} asks for {method_cls.needs_scores!r} scores; "
+            "the plugin computes 'cls' scores only"
+        )
+    positions = getattr(config, "positions", None)
+    if positions not in (None, "contiguous"):
+        raise PluginConfigError(
+            f"vlmprune (vLLM plugin): positions={positions!r} is not available in vLLM: the kept "
+            "placeholder tokens are numbered contiguously (positions=None or 'contiguous')"
+        )
+    method = method_cls(config, EngineAdapter(score_kind))
+    return method
+
+
+def engine_methods() -> list[str]:
+    """Registered methods whose class the plugin can run (fixed counts are checked per model)."""
+    out = []
+    for name in registry.available_methods():
+        cfg_cls, method_cls = registry.lookup(name)
+        if (cfg_cls.stage == Stage.PRE_LLM and issubclass(method_cls, PreLLMMethod)
+                and tuple(method_cls.seams) == (PreLLMSeam,)
+                and not (frozenset(getattr(method_cls, "needs", ())) - ENGINE_SIGNALS)
+                and method_cls.needs_scores in (None, "cls")):
+            out.append(name)
+    return out
+
+
+def group_seed(method: Method) -> torch.Generator:
+    """The generator the pre-LLM seam gives a sample's first group (``seed * 1_000_003 + 0``).
+
+    vLLM caches an image's embedding by the image alone and may batch images of several prompts,
+    so every image draws as the first image of its prompt would: a single-image prompt draws
+    exactly as under ``vlmprune.apply``; later images of a multi-image prompt draw differently."""
+    seed = int(getattr(method.config, "seed", 0) or 0)
+    return torch.Generator().manual_seed(seed * 1_000_003)
+
+
+def reduce_images(method: PreLLMMethod, embeds: Tensor, grid: tuple[int, int],
+                  scores: Tensor | None = None) -> list[Tensor]:
+    """The LLM-input rows each image keeps.
+
+    ``embeds`` (B, T, D): the projector outputs of B images, whose last ``h * w`` rows are the grid
+    tokens (a leading [CLS] row, with the "full" feature strategy, is always kept, as under
+    ``vlmprune.apply``); ``scores`` (B, h * w) when the method asked for them. Each image is one
+    :class:`VisualGroup`; the method's ``reduce`` decides, and the seam's ``apply_reductions``
+    builds the rows (selected, averaged or replaced), in the order the HF path feeds them."""
+    b, t, _ = embeds.shape
+    n = grid[0] * grid[1]
+    if t < n:
+        raise ValueError(f"vlmprune: {t} visual rows per image, fewer than the {grid} grid")
+    columns = torch.arange(t - n, t, device=embeds.device)
+    groups = [
+        VisualGroup(sample=i, columns=columns, grid=grid, scores=None if scores is None else scores[i])
+        for i in range(b)
+    ]
+    needs = set(getattr(method, "needs", ()))
+    if needs:
+        fill_signals(groups, needs, embeds, torch.ones(b, t, dtype=torch.bool, device=embeds.device), None)
+    reductions = [method.reduce(group, group_seed(method)) for group in groups]
+    keep, out = apply_reductions(embeds, groups, reductions)
+    return [out[i][keep[i]] for i in range(b)]
+
+
+def kept_count(method: PreLLMMethod, grid: tuple[int, int], extra: int = 0, width: int = 8) -> int:
+    """Placeholder tokens one image gets: the rows :func:`reduce_images` returns for it, found by
+    running the method on two different made-up images. A method whose count depends on the image
+    cannot run in vLLM (the count is fixed before the image is encoded)."""
+    counts = set()
+    n = grid[0] * grid[1]
+    for seed in (0, 1):
+        g = torch.Generator().manual_seed(seed)
+        embeds = torch.randn(1, extra + n, width, generator=g)
+        scores = torch.rand(1, n, generator=g) if method.needs_scores else None
+        counts.add(reduce_images(method, embeds, grid, scores)[0].shape[0])
+    if len(counts) != 1:
+        raise PluginConfigError(
+            f"vlmprune (vLLM plugin): method {method.config.method!r} keeps a number of tokens that depends "
+            f"on the image ({sorted(counts)} on two images), but vLLM fixes each image's placeholder count "
+            "before encoding it"
+        )
+    return counts.pop()

@@ -1,0 +1,177 @@
+"""vLLM's LLaVA-1.5 with a vlmprune pre-LLM method: used only when ``additional_config`` asks for it.
+
+* :class:`PrunedLlavaProcessingInfo`: each image gets the method's kept count of placeholder
+  tokens (for FasterVLM at ratio 0.9 on a 24 x 24 grid: 58 instead of 576).
+* :class:`PrunedLlavaForConditionalGeneration`: ``embed_multimodal`` runs vLLM's own vision tower
+  and projector, recomputes the [CLS] attention row of the feature layer from the q / k that
+  vLLM's attention computed (:func:`vlmprune.scoring.cls_attention_scores`, or the labelled
+  no-[CLS] fallback :func:`~vlmprune.scoring.mean_received_attention`), and returns the rows the
+  method's ``reduce`` keeps, built by the pre-LLM seam's ``apply_reductions``.
+
+An engine whose configuration has no ``"vlmprune"`` entry gets the stock behaviour from both
+classes (they only differ when the settings are present).
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import torch
+from torch import Tensor
+from vllm.model_executor.models.llava import (
+    LlavaDummyInputsBuilder,
+    LlavaForConditionalGeneration,
+    LlavaProcessingInfo,
+    _build_llava_or_pixtral_hf_processor,
+)
+from vllm.model_executor.models.utils import WeightsMapper
+from vllm.multimodal import MULTIMODAL_REGISTRY
+
+from vlmprune.adapters.llava import tower_has_cls
+from vlmprune.scoring import cls_attention_scores, mean_received_attention
+from vlmprune.seams.encoder import feature_layer_index
+
+from . import settings_of
+from .core import PluginConfigError, Settings, build_method, kept_count, reduce_images, settings_from
+
+_TOWERS = ("clip_vision_model", "siglip_vision_model")
+
+
+def _geometry(hf_config: Any) -> tuple[tuple[int, int], int, str, int]:
+    """(grid, extra leading rows, score kind, scoring layer index) of a LLaVA config."""
+    vc = hf_config.vision_config
+    side = int(vc.image_size) // int(vc.patch_size)
+    has_cls = tower_has_cls(vc)
+    strategy = hf_config.vision_feature_select_strategy
+    extra = 1 if (strategy == "full" and has_cls) else 0
+    layers = int(vc.num_hidden_layers)
+    kind = "cls" if has_cls else "nocls"
+    index = feature_layer_index(hf_config.vision_feature_layer, layers) if has_cls else layers - 1
+    return (side, side), extra, kind, index
+
+
+def check_llava_config(settings: Settings, hf_config: Any) -> int:
+    """Start-up checks for a LLaVA checkpoint; returns the kept count per image."""
+    vc = hf_config.vision_config
+    if getattr(vc, "model_type", None) not in _TOWERS:
+        raise PluginConfigError(
+            f"vlmprune (vLLM plugin): LLaVA with a {getattr(vc, 'model_type', '?')!r} vision tower is not "
+            f"supported; supported towers: {', '.join(_TOWERS)}"
+        )
+    if isinstance(hf_config.vision_feature_layer, (list, tuple)):
+        raise PluginConfigError(
+            "vlmprune (vLLM plugin): this model concatenates several vision feature layers "
+            f"{list(hf_config.vision_feature_layer)}; the plugin supports one feature layer"
+        )
+    grid, extra, kind, index = _geometry(hf_config)
+    method = build_method(settings, kind)
+    if method.needs_scores and kind == "nocls":
+        built = feature_layer_index(hf_config.vision_feature_layer, int(vc.num_hidden_layers)) + 1
+        if index >= built:
+            raise PluginConfigError(
+                f"vlmprune (vLLM plugin): {settings.method!r} on a tower without [CLS] scores with the tower's "
+                f"last layer (the labelled no-[CLS] fallback), which vLLM does not build for "
+                f"vision_feature_layer={hf_config.vision_feature_layer}"
+            )
+    return kept_count(method, grid, extra, int(hf_config.text_config.hidden_size))
+
+
+class PrunedLlavaProcessingInfo(LlavaProcessingInfo):
+    """Placeholder tokens per image: the method's kept count when the engine is configured."""
+
+    def get_num_image_tokens(self, *, image_width: int, image_height: int) -> int:
+        full = super().get_num_image_tokens(image_width=image_width, image_height=image_height)
+        settings = settings_of(self.ctx.model_config)
+        if settings is None:
+            return full
+        kept = self.__dict__.get("_vlmprune_kept")
+        if kept is None:
+            kept = self._vlmprune_kept = check_llava_config(settings, self.get_hf_config())
+        return kept
+
+
+def _build_info(ctx: Any) -> LlavaProcessingInfo:
+    from vllm.model_executor.models.llava import _build_llava_or_pixtral_hf_info
+
+    info = _build_llava_or_pixtral_hf_info(ctx)
+    return PrunedLlavaProcessingInfo(ctx) if type(info) is LlavaProcessingInfo else info
+
+
+@MULTIMODAL_REGISTRY.register_processor(
+    _build_llava_or_pixtral_hf_processor, info=_build_info, dummy_inputs=LlavaDummyInputsBuilder
+)
+class PrunedLlavaForConditionalGeneration(LlavaForConditionalGeneration):
+    """``embed_multimodal`` returns the kept rows of each image (stock when not configured)."""
+
+    # checkpoints saved by transformers 5 name the CLIP / SigLIP tower without ``vision_model``
+    hf_to_vllm_mapper = LlavaForConditionalGeneration.hf_to_vllm_mapper | WeightsMapper(
+        orig_to_new_regex={re.compile(r"^(model\.)?vision_tower\.(?!vision_model\.)"): r"\1vision_tower.vision_model."}
+    )
+
+    def __init__(self, *, vllm_config: Any, prefix: str = "") -> None:
+        super().__init__(vllm_config=vllm_config, prefix=prefix)
+        self._vlmprune: Any = None
+        self._vlmprune_captured: list[Tensor] | None = None
+        settings = settings_from(vllm_config.additional_config)
+        if settings is None:
+            return
+        self._vlmprune_kept = check_llava_config(settings, self.config)
+        self._vlmprune_grid, _, kind, index = _geometry(self.config)
+        self._vlmprune = build_method(settings, kind)
+        if self._vlmprune.needs_scores:
+            layers = self.vision_tower.vision_model.encoder.layers
+            self._vlmprune_attn = layers[index].self_attn
+            self._vlmprune_attn.qkv_proj.register_forward_hook(self._vlmprune_capture)
+
+    # -- scoring ------------------------------------------------------------------------------------
+    def _vlmprune_capture(self, module: Any, args: tuple, output: Any) -> None:
+        if self._vlmprune_captured is not None:
+            self._vlmprune_captured.append(output[0] if isinstance(output, tuple) else output)
+
+    def _vlmprune_scores(self, qkv: Tensor) -> Tensor:
+        """(B, N) patch scores from the scoring layer's fused q / k / v projections. With tensor
+        parallelism each rank holds some heads: the head average is summed across ranks."""
+        attn = self._vlmprune_attn
+        q, k, _ = qkv.chunk(3, dim=-1)
+        heads = int(attn.num_heads_per_partition)
+        if self._vlmprune.adapter.score_kind == "cls":
+            scores = cls_attention_scores(q[:, 0], k, heads, attn.scale)
+        else:
+            scores = mean_received_attention(q, k, heads, attn.scale)
+        tp = int(getattr(attn, "tp_size", 1) or 1)
+        if tp > 1:
+            from vllm.distributed import tensor_model_parallel_all_reduce
+
+            scores = tensor_model_parallel_all_reduce(scores * heads) / (heads * tp)
+        return scores
+
+    # -- the multimodal embedding -------------------------------------------------------------------
+    def embed_multimodal(self, **kwargs: object) -> Any:
+        if self._vlmprune is None:
+            return super().embed_multimodal(**kwargs)
+        image_input = self._parse_and_validate_image_input(**kwargs)
+        if image_input is None:
+            return []
+        if image_input["type"] != "pixel_values":  # pre-computed embeddings: placeholders match them
+            return self._process_image_input(image_input)
+        self._vlmprune_captured = [] if self._vlmprune.needs_scores else None
+        try:
+            features = self._process_image_pixels(image_input)
+            qkv = self._vlmprune_captured
+        finally:
+            self._vlmprune_captured = None
+        if not isinstance(features, Tensor):
+            raise ValueError("vlmprune (vLLM plugin): expected one feature tensor for the batch of images")
+        embeds = self.multi_modal_projector(features)
+        scores = None
+        if qkv is not None:
+            if len(qkv) != 1:
+                raise RuntimeError(f"vlmprune (vLLM plugin): the scoring layer ran {len(qkv)} times for one batch")
+            scores = self._vlmprune_scores(qkv[0])
+        rows = reduce_images(self._vlmprune, embeds, self._vlmprune_grid, scores)
+        if rows and rows[0].shape[0] != self._vlmprune_kept:
+            raise RuntimeError(
+                f"vlmprune (vLLM plugin): {rows[0].shape[0]} rows for an image with {self._vlmprune_kept} placeholders"
+            )
+        return torch.stack(rows) if rows else []
