@@ -579,3 +579,8 @@ def test_shipped_draft_fits_the_builtin_model_and_bench_smoke():
     for name in ("flash", "flash-untrained"):
         assert result["variants"][name]["identical_to_greedy"], name
     assert "speedup_decode" in result["variants"]["flash"]
+    # a batch of 4 with the trained draft: rows accept different numbers of drafts, output identical
+    result = bench_flash.run(path, prompts=4, repeats=1, warmup=0, max_new_tokens=24, variants=("trained",),
+                             batch_size=4)
+    flash = result["variants"]["flash"]
+    assert result["batch_size"] == 4 and flash["identical_to_greedy"] and flash["mean_accepted"] > 1

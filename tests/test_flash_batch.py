@@ -330,11 +330,12 @@ def test_batch_composes_with_fastervlm():
     model = _llava()
     inp = padded_llava_batch(model, seed=4)
     with vlmprune.apply(model, "fastervlm", ratio=0.5):
-        ref = _plain(model, inp, max_new_tokens=10)
+        ref = _plain(model, inp, max_new_tokens=16)
     prompt_len = inp["input_ids"].shape[1]
+    # the noisy draft makes rows accept different counts, so the masked columns get compacted
     for draft in (untrained_head(model, k=2, latents=4), BatchOracle(ref, prompt_len, "noisy")):
-        with vlmprune.apply(model, "fastervlm", ratio=0.5), vlmprune.apply(model, "flash", draft=draft, depth=3):
-            assert torch.equal(model.generate(**inp, max_new_tokens=10, do_sample=False), ref)
+        with vlmprune.apply(model, "fastervlm", ratio=0.5), vlmprune.apply(model, "flash", draft=draft, depth=4):
+            assert torch.equal(model.generate(**inp, max_new_tokens=16, do_sample=False), ref)
 
 
 def test_streamer_gets_the_tokens_of_one_prompt():
@@ -380,3 +381,80 @@ def test_unsupported_options_say_why():
             model.generate(**inp, max_new_tokens=4)
         with pytest.raises(ValueError, match="chain drafting"):
             model.generate(**{k: v[:1] for k, v in inp.items()}, max_new_tokens=4, repetition_penalty=1.2)
+
+
+def test_draft_cache_padding_and_compaction_are_exact():
+    """A batched draft forward with padded (masked) rows equals each row run alone, and compacting
+    the cache changes nothing."""
+    from vlmprune.methods.flash.draft import DraftCache, DraftHead, DraftSpec
+
+    torch.manual_seed(0)
+    head = DraftHead(DraftSpec(hidden_size=16, num_heads=4, num_kv_heads=2, head_dim=4, intermediate_size=32,
+                               vocab_size=11, target_layers=2, k=2, num_latents=0))
+    rows = [torch.randn(n, 16) for n in (5, 2, 7)]
+    chunks = [[3, 1, 4], [1, 1, 1], [2, 3, 1]]  # per row, entries fed per step
+    alone = [head(r.unsqueeze(0))[0] for r in rows]
+    cache = DraftCache()
+    pos = torch.zeros(3, dtype=torch.long)
+    start = [0, 0, 0]
+    for step in range(3):
+        pieces = [r[s : s + c[step]] for r, s, c in zip(rows, start, chunks)]
+        lengths = torch.tensor([p.shape[0] for p in pieces])
+        x = torch.nn.utils.rnn.pad_sequence(pieces, batch_first=True)
+        steps = torch.arange(x.shape[1])
+        valid = steps.unsqueeze(0) < lengths.unsqueeze(1)
+        out = head(x, positions=pos.unsqueeze(1) + steps, cache=cache, valid=valid)
+        for i in range(3):
+            torch.testing.assert_close(out[i, : lengths[i]], alone[i][start[i] : start[i] + lengths[i]],
+                                       atol=1e-5, rtol=1e-4)
+        pos += lengths
+        start = [s + int(n) for s, n in zip(start, lengths)]
+        if step == 1:
+            assert cache.waste() > 0
+            cache.compact()
+            assert cache.waste() == 0 and cache.length == int(cache.valid.sum(1).max())
+
+
+def test_sampled_generate_keeps_the_target_distribution_end_to_end():
+    """2 000 copies of one prompt sample three tokens each (the second is a verified draft or the
+    residual's draw); the joint frequency of (token 1, token 2) matches the target's processed distribution
+    (temperature 1.5 and top-k 3 via transformers' warpers), chi-square at p = 0.001."""
+    model = _llava()
+    one = {k: v[:1, 3:] if k != "pixel_values" else v[:1] for k, v in padded_llava_batch(model, seed=8).items()}
+    temp, top_k, n = 1.5, 3, 2000
+
+    def probs(logits):
+        x = logits.float() / temp
+        kth = torch.topk(x, top_k).values[-1]
+        return torch.softmax(x.masked_fill(x < kth, float("-inf")), -1)
+
+    p1 = probs(model(**one).logits[0, -1])
+    expected = {}
+    for x1 in p1.nonzero().flatten().tolist():
+        ids = torch.cat([one["input_ids"], torch.tensor([[x1]])], 1)
+        p2 = probs(model(input_ids=ids, pixel_values=one["pixel_values"]).logits[0, -1])
+        for x2 in p2.nonzero().flatten().tolist():
+            expected[(x1, x2)] = float(p1[x1] * p2[x2])
+    batch = {k: v.expand(n, *v.shape[1:]) for k, v in one.items()}
+    # a draft that draws uniformly from the second tokens' support and one token outside it: some
+    # drafts are accepted, some rejected (the residual's draw)
+    support = sorted({x2 for _, x2 in expected} | {63})
+
+    class Uniform(RandomDrafter):
+        def propose(self, depth, sampling, generator):
+            q = torch.zeros(depth, 64)
+            q[:, support] = 1.0 / len(support)
+            return torch.multinomial(q, 1, generator=generator).squeeze(1), q
+
+    with vlmprune.apply(model, "flash", draft=Uniform(), depth=2, seed=0) as h:
+        out = model.generate(**batch, do_sample=True, temperature=temp, top_k=top_k, max_new_tokens=3)
+    rec = h.stats.decode[-1]
+    assert rec.drafted == n and 0.2 * n < rec.accepted < 0.9 * n  # one verified draft per row
+    start = one["input_ids"].shape[1]
+    pairs = [tuple(r) for r in out[:, start : start + 2].tolist()]
+    assert set(pairs) <= set(expected)
+    counts = torch.tensor([pairs.count(key) for key in expected], dtype=torch.float)
+    exp = torch.tensor(list(expected.values())) * n
+    stat = float(((counts - exp) ** 2 / exp).sum())
+    crit = {5: 20.52, 6: 22.46, 7: 24.32, 8: 26.12}  # chi-square 0.999 quantiles by degrees of freedom
+    assert len(expected) - 1 in crit and stat < crit[len(expected) - 1], (stat, len(expected))
