@@ -625,6 +625,7 @@ def speculative_decode(
     streamer: Any = None,
     on_round: Callable[[dict[str, Any]], None] | None = None,
     record: DecodeRecord,
+    started: float | None = None,
     **model_kwargs: Any,
 ) -> Tensor:
     """The speculative chain loop as a transformers decoding method (``generate(custom_generate=...)``
@@ -635,7 +636,8 @@ def speculative_decode(
     the argmax, sampling uses :func:`verify_chain_sampling_batch` (``draft_sampling``: how the
     drafter draws, its q). ``stopping_criteria`` end rows as in ``_sample``: with an EOS criterion a
     finished row is padded with the pad token, without one it keeps decoding until every row is
-    done. Returns the (B, L + new) ids; ``record`` gets the stats.
+    done. Returns the (B, L + new) ids; ``record`` gets the stats (its clock from ``started``, e.g.
+    when ``generate`` was called, so that ``prefill_s`` covers the preparation as well).
     """
     gc = generation_config
     device = input_ids.device
@@ -655,7 +657,7 @@ def speculative_decode(
     pruned_columns: list[Any] = [None, None]
     record.prompt_tokens = prompt_len
     record.batch = bsz
-    began = time.perf_counter()
+    began = started if started is not None else time.perf_counter()
     try:
         # -- prefill (exactly plain generate's) ------------------------------------------------
         prompt_mask = model_kwargs.get("attention_mask")

@@ -11,6 +11,7 @@ distribution. ``handle.remove()`` gives the stock ``generate`` back.
 
 from __future__ import annotations
 
+import time
 import warnings
 from pathlib import Path
 from typing import Any
@@ -186,6 +187,7 @@ class Flash(Method):
         if tree:
             return self._generate_tree(handle, gc, args, kwargs, sampling, generator, on_round, tree)
         record = DecodeRecord(method=self.label, depth=self.config.depth, k=self.k, tree="chain")
+        started = time.perf_counter()  # the record's clock covers generate's own preparation
         streamer = kwargs.get("streamer")
         ids = args[0] if args else kwargs.get("input_ids", kwargs.get("inputs"))
         if streamer is not None and isinstance(ids, torch.Tensor) and ids.dim() == 2 and ids.shape[0] > 1:
@@ -200,7 +202,7 @@ class Flash(Method):
             return speculative_decode(model, input_ids, logits_processor, stopping_criteria, generation_config,
                                       adapter=adapter, drafter=drafter, depth=depth, draft_sampling=sampling,
                                       generator=generator, streamer=streamer, on_round=on_round, record=record,
-                                      **model_kwargs)
+                                      started=started, **model_kwargs)
 
         tokenizer = kwargs.pop("tokenizer", None)
         if gc.stop_strings:
