@@ -92,12 +92,14 @@ class EngineAdapter:
 def build_method(settings: Settings, score_kind: str = "cls") -> PreLLMMethod:
     """The configured method, checked to be one the engine can run: a pre-LLM method on the plain
     pre-LLM seam whose signals the engine provides and whose kept count is fixed in advance."""
-    config = settings.config()
-    _, method_cls = registry.lookup(settings.method)
-    if config.stage != Stage.PRE_LLM:
+    try:
+        config_cls, method_cls = registry.lookup(settings.method)
+    except ValueError as exc:
+        raise PluginConfigError(f"vlmprune (vLLM plugin): {exc}") from exc
+    if config_cls.stage != Stage.PRE_LLM:
         raise PluginConfigError(
             f"vlmprune (vLLM plugin): method {settings.method!r} cannot run in vLLM: "
-            f"{_STAGE_REASON.get(config.stage, 'it does not act before the LLM')}. "
+            f"{_STAGE_REASON.get(config_cls.stage, 'it does not act before the LLM')}. "
             f"Methods that can: {', '.join(engine_methods())}"
         )
     if not issubclass(method_cls, PreLLMMethod) or tuple(method_cls.seams) != (PreLLMSeam,):
@@ -120,6 +122,7 @@ def build_method(settings: Settings, score_kind: str = "cls") -> PreLLMMethod:
             f"vlmprune (vLLM plugin): method {settings.method!r} asks for {method_cls.needs_scores!r} scores; "
             "the plugin computes 'cls' scores only"
         )
+    config = settings.config()
     positions = getattr(config, "positions", None)
     if positions not in (None, "contiguous"):
         raise PluginConfigError(
