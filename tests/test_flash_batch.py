@@ -240,6 +240,10 @@ OPTIONS = {
     "no_repeat_ngram_size": dict(no_repeat_ngram_size=1),
     "bad_words_ids": dict(bad_words_ids=[[7], [11, 12]]),
     "several": dict(repetition_penalty=0.7, no_repeat_ngram_size=3, min_new_tokens=3, suppress_tokens=[9, 10]),
+    "length_rules": dict(forced_eos_token_id=13, begin_suppress_tokens=[51, 44, 45], max_length=40,
+                         sequence_bias={(57,): 4.0}),
+    # batch_id is the row's index: row 0 may only emit even ids, the others odd ones
+    "prefix_allowed_tokens_fn": dict(prefix_allowed_tokens_fn=lambda b, ids: list(range(0 if b == 0 else 1, 64, 2))),
 }
 
 
@@ -251,7 +255,9 @@ def test_generation_options_equal_plain_generate(name):
     prompt_len = inp["input_ids"].shape[1]
     free = _plain(model, inp, max_new_tokens=12)[:, prompt_len:]
     eos = [int(free[0, 2]), int(free[1, 1])]  # without min_new_tokens these stop rows early
-    kw = dict(OPTIONS[name], max_new_tokens=12, eos_token_id=eos)
+    kw = dict(max_new_tokens=12, eos_token_id=eos, **OPTIONS[name])
+    if "max_length" in kw:
+        del kw["max_new_tokens"]
     ref = _plain(model, inp, **kw)
     assert not torch.equal(ref, _plain(model, inp, max_new_tokens=12, eos_token_id=eos))  # the option acts
     for draft in (untrained_head(model, k=2, latents=4), BatchOracle(_plain(model, inp, **kw), prompt_len, "noisy")):
@@ -367,7 +373,6 @@ def test_unsupported_options_say_why():
     with vlmprune.apply(model, "flash", draft=head):
         for kw, match in ((dict(num_beams=2), "beam search"), (dict(output_scores=True, return_dict_in_generate=True),
                           "not collected"), (dict(assistant_model=model), "itself speculative"),
-                          (dict(prefix_allowed_tokens_fn=lambda b, ids: [4]), "batch_id"),
                           (dict(guidance_scale=1.5), "guidance"), (dict(use_cache=False), "KV cache"),
                           (dict(cache_implementation="static"), "cropped")):
             with pytest.raises(ValueError, match=match):

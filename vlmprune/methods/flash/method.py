@@ -34,8 +34,6 @@ from .drafter import HeadDrafter
 _REFUSED_KWARGS = {
     "assistant_model": "FLASH is itself speculative decoding; a second assistant would draft for the draft",
     "assistant_tokenizer": "FLASH is itself speculative decoding; a second assistant would draft for the draft",
-    "prefix_allowed_tokens_fn": "its batch_id is the row's index in the whole batch, while verification runs the "
-                                "processors on groups of rows at several positions",
     "negative_prompt_ids": "classifier-free guidance runs its own unconditional model pass step by step, which the "
                            "multi-token rounds would desynchronise",
     "negative_prompt_attention_mask": "classifier-free guidance runs its own unconditional model pass step by step",
