@@ -20,7 +20,9 @@ DRAFT_DIR = "flash-draft"
 @dataclass(frozen=True)
 class FlashConfig(MethodConfig):
     """``draft``: a draft directory / ``.safetensors`` file, a :class:`DraftHead`, a drafter object
-    (``reset`` / ``extend`` / ``propose``, e.g. a test oracle), or None for an untrained head built
+    (``reset`` / ``extend`` / ``propose``, run once per row of a batch, or the batched
+    ``reset_batch`` / ``extend_batch`` / ``propose_batch`` / ``select_rows``; e.g. a test oracle),
+    or None for an untrained head built
     from the model's config (lossless, but slow: it accepts little). ``depth``: drafted tokens per
     round. ``k``: tokens per draft forward (None: the draft's own; may be lowered, not raised).
     ``tree``: drafting structure: None / "chain", or "static" (``branches`` top-w children of the
@@ -30,7 +32,8 @@ class FlashConfig(MethodConfig):
 
     method: ClassVar[str] = "flash"
     stage: ClassVar[Stage] = Stage.DECODE
-    # the eval grid: generation tasks only, one prompt per speculative generate, lossless
+    # the eval grid: generation tasks only, lossless; one prompt per speculative generate, as the
+    # published grid rows were measured (batched generate works: tests/test_flash_batch.py)
     eval_needs: ClassVar[frozenset[str]] = frozenset({"generates"})
     eval_one_prompt_per_call: ClassVar[bool] = True
     eval_lossless: ClassVar[bool] = True
