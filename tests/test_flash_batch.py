@@ -149,6 +149,45 @@ def test_batch_qwen2_vl_mrope_rows():
     assert torch.equal(out, ref)
 
 
+def _other_families():
+    from test_internvl import IMG_CTX, batch, prompt, tiny_internvl
+    from test_llava_next import make_inputs, tiny_next, tiny_onevision
+
+    def nxt():
+        m = tiny_next()
+        inp = make_inputs(m, [{"images": [(48, 96)], "seed": 3}, {"images": [(48, 48)], "seed": 4, "before": 7}])
+        return m, inp
+
+    def onevision():
+        m = tiny_onevision()
+        inp = make_inputs(m, [{"images": [(48, 48)], "video": True, "seed": 4}, {"seed": 5, "before": 9}])
+        return m, inp
+
+    def internvl():
+        m = tiny_internvl()
+        short, long = prompt([1], seed=1), prompt([2], before=6, seed=2)
+        width = long.numel()
+        rows = [torch.cat([torch.full((width - short.numel(),), PAD), short]), long]
+        inp = batch(rows, 3)
+        inp["attention_mask"][0, : width - short.numel()] = 0
+        assert int((inp["input_ids"] == IMG_CTX).sum()) > 0
+        return m, inp
+
+    return {"llava_next": nxt, "llava_onevision": onevision, "internvl": internvl}
+
+
+@pytest.mark.parametrize("family", ["llava_next", "llava_onevision", "internvl"])
+def test_batch_other_families(family):
+    model, inp = _other_families()[family]()
+    model.generation_config.eos_token_id = None
+    inp = {k: v for k, v in inp.items() if not k.startswith("_")}
+    ref = _plain(model, inp, max_new_tokens=10)
+    out, _ = _flash(model, inp, untrained_head(model, k=2, latents=4), depth=3, max_new_tokens=10)
+    assert torch.equal(out, ref)
+    out, _ = _flash(model, inp, BatchOracle(ref, inp["input_ids"].shape[1], "noisy"), depth=4, max_new_tokens=10)
+    assert torch.equal(out, ref)
+
+
 @pytest.mark.parametrize("mode", ["right", "wrong", "noisy"])
 def test_batch_oracle_drafts(mode):
     model = _llava()
@@ -377,6 +416,9 @@ def test_unsupported_options_say_why():
                           (dict(cache_implementation="static"), "cropped")):
             with pytest.raises(ValueError, match=match):
                 model.generate(**inp, max_new_tokens=4, **kw)
+        embeds = model.get_input_embeddings()(inp["input_ids"])
+        with pytest.raises(ValueError, match="input_ids"):
+            model.generate(inputs_embeds=embeds, attention_mask=inp["attention_mask"], max_new_tokens=4)
         with pytest.raises(ValueError, match="streamer"):
             from transformers.generation.streamers import BaseStreamer
 

@@ -640,6 +640,9 @@ def speculative_decode(
     when ``generate`` was called, so that ``prefill_s`` covers the preparation as well).
     """
     gc = generation_config
+    if model_kwargs.get("inputs_embeds") is not None or input_ids.shape[1] == 0:
+        raise ValueError("flash: generate needs input_ids (the draft reads the prompt's token ids); "
+                         "inputs_embeds is not supported")
     device = input_ids.device
     bsz, prompt_len = input_ids.shape
     do_sample = bool(gc.do_sample)
