@@ -231,6 +231,11 @@ def build_parser(prog: str = "vlmprune-eval") -> argparse.ArgumentParser:
                    help="positions of the kept tokens, passed to the pre-LLM methods (default: the model's)")
     p.add_argument("--data-dir", default=str(harness.DEFAULT_VIDEO_DIR),
                    help=f"where the test clips are written as mp4 once (default: {harness.DEFAULT_VIDEO_DIR})")
+    p.add_argument("--backend", choices=["hf", "vllm"], default="hf",
+                   help="hf: the Hugging Face model in this process (default); vllm: served by vLLM with the "
+                   "vlmprune plugin (built-in tasks; adds requests/s, output tokens/s and time to first token; docs/vllm.md)")
+    p.add_argument("--concurrency", type=_positive, default=8,
+                   help="--backend vllm: requests the engine runs together (default: 8)")
     p.add_argument("--no-plot", action="store_true", help="skip accuracy_vs_flops.png")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
@@ -304,6 +309,8 @@ def main(argv: list[str] | None = None, prog: str = "vlmprune-eval") -> int:
         return _fail(prog, f"--gates {args.gates}: no such file or directory (train gates with `vlmprune train-gates`)")
     builtin_tasks = [t for t in args.task if t in harness.TASKS]
     lmms_tasks = [t for t in args.task if t not in harness.TASKS]
+    if args.backend == "vllm":
+        return _main_vllm(args, builtin_tasks, lmms_tasks, argv, prog)
     if lmms_tasks:
         from . import lmms_runner
 
@@ -351,6 +358,47 @@ def main(argv: list[str] | None = None, prog: str = "vlmprune-eval") -> int:
     code = _write_outputs(rows, args, prog)
     if code == 0:
         print(f"{len(rows)} grid cells in {elapsed:.0f} s on {device}, {args.threads} thread(s) ({em.name})")
+    return code
+
+
+def _main_vllm(args: argparse.Namespace, tasks: list[str], lmms_tasks: list[str], argv: list[str] | None,
+               prog: str) -> int:
+    """``--backend vllm``: the grid's cells as vLLM engines with the plugin (evals/vllm_backend.py)."""
+    from vlmprune.method import EvalContext
+
+    from . import builtin, vllm_backend
+
+    if lmms_tasks:
+        return _fail(prog, f"--backend vllm runs the built-in tasks ({', '.join(harness.TASKS)}); "
+                     f"not {', '.join(lmms_tasks)}")
+    path = Path(args.model) if args.model and args.model != "builtin" else builtin.CHECKPOINT
+    if not (path / "config.json").exists():
+        return _fail(prog, f"--backend vllm needs a checkpoint directory; {path} has no config.json")
+    explicit = any(a == "--method" or a.startswith("--method=") for a in (argv if argv is not None else sys.argv[1:]))
+    try:
+        cells = harness.grid(args.method, args.ratio, axes=shared_axes(args),
+                             model=EvalContext(checkpoint=path, builtin=path == builtin.CHECKPOINT))
+        if not explicit:  # the default grid: the methods vLLM can run
+            from vlmprune.vllm import engine_methods
+
+            runnable = set(engine_methods())
+            cells = [c for c in cells if c.unpatched or (not c.parts and c.method in runnable)]
+        for cell in cells:
+            vllm_backend.additional_config(cell)
+    except (ValueError, TypeError) as exc:
+        return _fail(prog, str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+    _cap_limit(args, tasks, prog)
+    began = time.perf_counter()
+    try:
+        rows = vllm_backend.run_vllm(str(path), tasks, cells, limit=args.limit, concurrency=args.concurrency,
+                                     seed=args.seed, data_dir=args.data_dir, device=args.device)
+    except (ValueError, OSError, RuntimeError) as exc:
+        return _fail(prog, str(exc).splitlines()[0] if str(exc) else type(exc).__name__, 1)
+    harness.print_tables(rows)
+    vllm_backend.print_serving(rows)
+    code = _write_outputs(rows, args, prog)
+    if code == 0:
+        print(f"{len(rows)} grid cells in {time.perf_counter() - began:.0f} s, served by vLLM ({path.name})")
     return code
 
 
