@@ -303,3 +303,83 @@ def test_vllm_serve_prunes_an_openai_chat_request(tmp_path):
             proc.kill()
             proc.wait()
         log.close()
+
+
+def _siglip_llava(path: Path) -> None:
+    """A random-init LLaVA with a SigLIP tower (no [CLS]; feature layer -1, so vLLM builds the layer
+    the no-[CLS] fallback scores with) and the built-in tokenizer."""
+    from transformers import (
+        LlamaConfig,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+        LlavaProcessor,
+        SiglipImageProcessor,
+        SiglipVisionConfig,
+    )
+
+    from vlmprune.evals import builtin
+
+    tok = builtin.build_tokenizer()
+    vision = SiglipVisionConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
+                                image_size=56, patch_size=14)
+    text = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
+                       num_key_value_heads=2, vocab_size=len(tok), max_position_embeddings=512,
+                       pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    config = LlavaConfig(vision_config=vision, text_config=text, image_token_index=tok.convert_tokens_to_ids("<image>"),
+                         vision_feature_layer=-1, vision_feature_select_strategy="full", image_seq_length=16,
+                         pad_token_id=tok.pad_token_id)
+    torch.manual_seed(0)
+    model = LlavaForConditionalGeneration(config).eval()
+    processor = LlavaProcessor(image_processor=SiglipImageProcessor(size={"height": 56, "width": 56}), tokenizer=tok,
+                               patch_size=14, vision_feature_select_strategy="full", num_additional_image_tokens=0)
+    builtin.save_builtin(model, processor, path)
+
+
+@needs_vllm
+def test_nocls_fallback_on_a_siglip_tower(engine, tmp_path):
+    """FasterVLM's labelled no-[CLS] fallback (mean attention received in the last layer), recomputed
+    from vLLM's SigLIP q / k, keeps what the HF path keeps: equal greedy continuations."""
+    import numpy as np
+    from PIL import Image
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+    from vllm import SamplingParams
+
+    from vlmprune.evals import builtin
+
+    _siglip_llava(tmp_path)
+    rng = np.random.default_rng(0)
+    images = [rng.integers(0, 256, (56, 56, 3), dtype=np.uint8) for _ in range(6)]
+    prompt = "<image> what color is the circle ?"
+    llm = engine({"vlmprune": {"method": "fastervlm", "ratio": 0.5}}, model=str(tmp_path))
+    outs = llm.generate([{"prompt": prompt, "multi_modal_data": {"image": Image.fromarray(im)}} for im in images],
+                        SamplingParams(temperature=0, max_tokens=4, ignore_eos=True), use_tqdm=False)
+    assert [o.prompt_token_ids.count(4) for o in outs] == [8] * len(images)
+    model = LlavaForConditionalGeneration.from_pretrained(tmp_path).eval()
+    processor = AutoProcessor.from_pretrained(tmp_path)
+    theirs = []
+    with torch.no_grad(), vlmprune.apply(model, "fastervlm", ratio=0.5) as handle:
+        for im in images:
+            inputs = builtin.encode(processor, [prompt], [[im]])
+            gen = model.generate(**inputs, max_new_tokens=4, min_new_tokens=4, do_sample=False)
+            theirs.append(gen[0, inputs["input_ids"].shape[1]:].tolist())
+        assert handle.stats.last.method == "fastervlm-nocls" and handle.stats.last.visual_out == [8]
+    assert [list(o.outputs[0].token_ids) for o in outs] == theirs
+
+
+@needs_vllm
+def test_eval_backend_vllm(tmp_path):
+    """vlmprune-eval --backend vllm: rows with the HF rows' fields plus the serving figures, pruned
+    against unpruned in one results.json (its own process: it runs its engines in-process)."""
+    out = tmp_path / "out"
+    run = subprocess.run(
+        [sys.executable, "-m", "vlmprune.evals", "--backend", "vllm", "--task", "image_mc", "--method", "none,fastervlm",
+         "--ratio", "0.9", "--limit", "12", "--concurrency", "4", "--output", str(out), "--no-progress", "--no-plot"],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
+    rows = json.loads((out / "results.json").read_text())
+    assert [(r["method"], r["visual_tokens"]) for r in rows] == [("none", 256.0), ("fastervlm", 26.0)]
+    for r in rows:
+        assert r["backend"] == "vllm" and r["n"] == 12 and r["requests_per_s"] > 0 and r["ttft_s"] > 0
+    assert rows[1]["tflops"] < rows[0]["tflops"]
+    assert "served by vLLM" in run.stdout
