@@ -36,6 +36,11 @@ from vlmprune.seams.decode import Sampling, verify_chain_sampling, verify_greedy
 from tiny import llama_config, tiny_llava
 
 
+def _cache(out):
+    """A forward's KV cache: ``out.cache`` since transformers 5.20, ``out.past_key_values`` before."""
+    return out.cache if hasattr(out, "cache") else out.past_key_values
+
+
 @pytest.fixture(autouse=True)
 def _no_grad():
     with torch.no_grad():
@@ -211,7 +216,7 @@ def test_target_cache_equals_fresh_prefill_each_round(family):
         if "mm_token_type_ids" in inp:
             extra = seq.shape[1] - inp["input_ids"].shape[1]
             fresh_inp["mm_token_type_ids"] = torch.cat([inp["mm_token_type_ids"], torch.zeros(1, extra, dtype=torch.long)], 1)
-        fresh = model(**fresh_inp, use_cache=True).cache
+        fresh = _cache(model(**fresh_inp, use_cache=True))
         cache = state["cache"]
         assert cache.get_seq_length() == seq.shape[1]
         for a, b in zip(cache.layers, fresh.layers):
@@ -544,8 +549,8 @@ def test_tree_oracle_picks_the_right_branch_and_cache_is_compacted():
         seq = state["sequence"].unsqueeze(0)
         extra = seq.shape[1] - inp["input_ids"].shape[1]
         types = torch.cat([inp["mm_token_type_ids"], torch.zeros(1, extra, dtype=torch.long)], 1)
-        fresh = model(**dict(inp, input_ids=seq, attention_mask=torch.ones_like(seq), mm_token_type_ids=types),
-                      use_cache=True).cache
+        fresh = _cache(model(**dict(inp, input_ids=seq, attention_mask=torch.ones_like(seq), mm_token_type_ids=types),
+                             use_cache=True))
         for a, b in zip(state["cache"].layers, fresh.layers):
             torch.testing.assert_close(a.keys, b.keys, atol=1e-5, rtol=1e-4)
             torch.testing.assert_close(a.values, b.values, atol=1e-5, rtol=1e-4)

@@ -67,6 +67,12 @@ class Sampling:
         return torch.softmax(x, dim=-1)
 
 
+
+def cache_kwarg(model: Any) -> str:
+    """The name a model's forward takes its KV cache by: ``cache`` since transformers 5.20,
+    ``past_key_values`` before (vLLM 0.32 pins transformers 5.19)."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
 def _sample(p: Tensor, generator: torch.Generator | None) -> int:
     return int(torch.multinomial(p, 1, generator=generator).item())
 
@@ -434,7 +440,7 @@ def speculative_generate(
             cand = torch.cat([input_ids.new_tensor([emitted[-1]]), drafted]).unsqueeze(0)
             if d > 0 and tree == "static":
                 table, depths, anc = static_tree(toks.shape[0], d)
-                out = model(input_ids=cand, cache=cache, use_cache=True,
+                out = model(input_ids=cand, **{cache_kwarg(model): cache}, use_cache=True,
                             **_tree_inputs(adapter, anc, depths, past, cand.device, dtype))
                 feats_all = sink[-1][0]
                 sink.clear()
@@ -448,7 +454,7 @@ def speculative_generate(
                 feats = feats_all[path]
                 new = [int(t) for t in toks[branch, :accepted]] + [bonus]
             else:
-                out = model(input_ids=cand, cache=cache, use_cache=True)
+                out = model(input_ids=cand, **{cache_kwarg(model): cache}, use_cache=True)
                 feats = sink[-1][0]
                 sink.clear()
                 tl = out.logits[0]
@@ -674,7 +680,7 @@ def speculative_decode(
         finally:
             probe_handle.remove()
         model_kwargs = model._update_model_kwargs_for_generation(outputs, model_kwargs)
-        cache = model_kwargs.get("cache")
+        cache = model_kwargs.get(cache_kwarg(model))
         _check_cache(cache, bsz)
         hidden = torch.cat(sink, dim=1) if len(sink) > 1 else sink[-1]
         sink.clear()
@@ -706,7 +712,7 @@ def speculative_decode(
         positions = model_kwargs.get("position_ids")
         next_pos = positions[..., -1:].clone() if positions is not None else None  # (..., B, 1)
         static = {key: value for key, value in model_kwargs.items()
-                  if key not in ("attention_mask", "position_ids", "cache", "token_type_ids", "mm_token_type_ids",
+                  if key not in ("attention_mask", "position_ids", "cache", "past_key_values", "token_type_ids", "mm_token_type_ids",
                                  "moe_mm_token_type_ids", "logits_to_keep", "use_cache")}
         token_types = model_kwargs.get("token_type_ids")
         last_type = token_types[:, -1:] if token_types is not None else None
@@ -770,7 +776,7 @@ def speculative_decode(
                 kwargs["token_type_ids"] = last_type.expand(n_rows, n)
             for key in mm_types:
                 kwargs[key] = torch.zeros(n_rows, n, dtype=model_kwargs[key].dtype, device=device)
-            inputs = model.prepare_inputs_for_generation(cand, next_sequence_length=n, cache=cache,
+            inputs = model.prepare_inputs_for_generation(cand, next_sequence_length=n, **{cache_kwarg(model): cache},
                                                          attention_mask=mask, use_cache=True, **kwargs)
             inputs.pop("logits_to_keep", None)
             out = model(**inputs, return_dict=True)
