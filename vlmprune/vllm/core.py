@@ -23,8 +23,9 @@ from ..seams.pre_llm import PreLLMMethod, PreLLMSeam, VisualGroup, apply_reducti
 
 #: the key of vLLM's ``additional_config`` this plugin reads
 CONFIG_KEY = "vlmprune"
-#: signals the engine can hand a method (the projector outputs of the image itself)
-ENGINE_SIGNALS = frozenset({"features"})
+#: signals the engine can hand a method: the image's projector outputs ("features"), the feature
+#: layer's rows with the [CLS] row and the projector ("vision"), the scoring layer's head-mean keys
+ENGINE_SIGNALS = frozenset({"features", "vision", "keys"})
 #: how each stage's methods relate to vLLM, for the error a user gets
 _STAGE_REASON = {
     Stage.ENCODER: "it acts inside the vision tower with a count that depends on the image, while vLLM "
@@ -84,6 +85,8 @@ class EngineAdapter:
     label names the no-[CLS] fallback). Everything else about the model lives in the plugin."""
 
     family = "vllm"
+    #: kept placeholders are numbered contiguously (vLLM's 1-D positions; LLaVA's default too)
+    default_positions = "contiguous"
 
     def __init__(self, score_kind: str) -> None:
         self.score_kind = score_kind
@@ -156,8 +159,20 @@ def group_seed(method: Method) -> torch.Generator:
     return torch.Generator().manual_seed(seed * 1_000_003)
 
 
+@dataclass
+class VisionSignals:
+    """What the engine captured in the vision tower for a batch of B images (see VisualGroup):
+    ``vision`` (B, n, C) feature-layer rows of the grid tokens, ``vision_cls`` (B, C) or None,
+    ``keys`` (B, n, d) head-mean keys, ``project`` the projector as a row function."""
+
+    vision: Tensor | None = None
+    vision_cls: Tensor | None = None
+    keys: Tensor | None = None
+    project: Any = None
+
+
 def reduce_images(method: PreLLMMethod, embeds: Tensor, grid: tuple[int, int],
-                  scores: Tensor | None = None) -> list[Tensor]:
+                  scores: Tensor | None = None, signals: VisionSignals | None = None) -> list[Tensor]:
     """The LLM-input rows each image keeps.
 
     ``embeds`` (B, T, D): the projector outputs of B images, whose last ``h * w`` rows are the grid
@@ -175,24 +190,41 @@ def reduce_images(method: PreLLMMethod, embeds: Tensor, grid: tuple[int, int],
         for i in range(b)
     ]
     needs = set(getattr(method, "needs", ()))
-    if needs:
-        fill_signals(groups, needs, embeds, torch.ones(b, t, dtype=torch.bool, device=embeds.device), None)
+    if needs & {"features", "instruction"}:
+        fill_signals(groups, needs & {"features", "instruction"}, embeds,
+                     torch.ones(b, t, dtype=torch.bool, device=embeds.device), None)
+    if needs & {"vision", "keys"}:
+        if signals is None:
+            raise ValueError(f"vlmprune: {method.config.method!r} needs {sorted(needs & {'vision', 'keys'})}")
+        for i, group in enumerate(groups):
+            if "vision" in needs:
+                group.vision = signals.vision[i]
+                group.vision_cls = None if signals.vision_cls is None else signals.vision_cls[i]
+                group.project = signals.project
+            if "keys" in needs:
+                group.keys = signals.keys[i]
     reductions = [method.reduce(group, group_seed(method)) for group in groups]
     keep, out = apply_reductions(embeds, groups, reductions)
     return [out[i][keep[i]] for i in range(b)]
 
 
-def kept_count(method: PreLLMMethod, grid: tuple[int, int], extra: int = 0, width: int = 8) -> int:
+def kept_count(method: PreLLMMethod, grid: tuple[int, int], extra: int = 0, width: int = 8,
+               cls_row: bool = True) -> int:
     """Placeholder tokens one image gets: the rows :func:`reduce_images` returns for it, found by
     running the method on two different made-up images. A method whose count depends on the image
-    cannot run in vLLM (the count is fixed before the image is encoded)."""
+    cannot run in vLLM (the count is fixed before the image is encoded). ``cls_row``: whether the
+    groups get the tower's [CLS] row as ``vision_cls`` (a method may keep it as a token)."""
     counts = set()
     n = grid[0] * grid[1]
     for seed in (0, 1):
         g = torch.Generator().manual_seed(seed)
         embeds = torch.randn(1, extra + n, width, generator=g)
         scores = torch.rand(1, n, generator=g) if method.needs_scores else None
-        counts.add(reduce_images(method, embeds, grid, scores)[0].shape[0])
+        weight = torch.randn(width, width, generator=g)
+        cls = torch.randn(1, width, generator=g) if cls_row else None
+        signals = VisionSignals(torch.randn(1, n, width, generator=g), cls, torch.randn(1, n, width, generator=g),
+                                lambda rows, w=weight: rows @ w)
+        counts.add(reduce_images(method, embeds, grid, scores, signals)[0].shape[0])
     if len(counts) != 1:
         raise PluginConfigError(
             f"vlmprune (vLLM plugin): method {method.config.method!r} keeps a number of tokens that depends "

@@ -28,12 +28,21 @@ from vllm.model_executor.models.llava import (
 from vllm.model_executor.models.utils import WeightsMapper
 from vllm.multimodal import MULTIMODAL_REGISTRY
 
+from vlmprune.adapters.base import RowProjector, head_mean
 from vlmprune.adapters.llava import tower_has_cls
 from vlmprune.scoring import cls_attention_scores, mean_received_attention
 from vlmprune.seams.encoder import feature_layer_index
 
 from . import settings_of
-from .core import PluginConfigError, Settings, build_method, kept_count, reduce_images, settings_from
+from .core import (
+    PluginConfigError,
+    Settings,
+    VisionSignals,
+    build_method,
+    kept_count,
+    reduce_images,
+    settings_from,
+)
 
 _TOWERS = ("clip_vision_model", "siglip_vision_model")
 
@@ -66,7 +75,8 @@ def check_llava_config(settings: Settings, hf_config: Any) -> int:
         )
     grid, extra, kind, index = _geometry(hf_config)
     method = build_method(settings, kind)
-    if method.needs_scores and kind == "nocls":
+    cls_row = kind == "cls" and hf_config.vision_feature_select_strategy == "default"
+    if (method.needs_scores or "keys" in method.needs) and kind == "nocls":
         built = feature_layer_index(hf_config.vision_feature_layer, int(vc.num_hidden_layers)) + 1
         if index >= built:
             raise PluginConfigError(
@@ -74,7 +84,7 @@ def check_llava_config(settings: Settings, hf_config: Any) -> int:
                 f"last layer (the labelled no-[CLS] fallback), which vLLM does not build for "
                 f"vision_feature_layer={hf_config.vision_feature_layer}"
             )
-    return kept_count(method, grid, extra, int(hf_config.text_config.hidden_size))
+    return kept_count(method, grid, extra, int(hf_config.text_config.hidden_size), cls_row)
 
 
 class PrunedLlavaProcessingInfo(LlavaProcessingInfo):
@@ -113,21 +123,45 @@ class PrunedLlavaForConditionalGeneration(LlavaForConditionalGeneration):
         super().__init__(vllm_config=vllm_config, prefix=prefix)
         self._vlmprune: Any = None
         self._vlmprune_captured: list[Tensor] | None = None
+        self._vlmprune_rows: list[Tensor] | None = None
         settings = settings_from(vllm_config.additional_config)
         if settings is None:
             return
         self._vlmprune_kept = check_llava_config(settings, self.config)
         self._vlmprune_grid, _, kind, index = _geometry(self.config)
         self._vlmprune = build_method(settings, kind)
-        if self._vlmprune.needs_scores:
-            layers = self.vision_tower.vision_model.encoder.layers
+        needs = self._vlmprune.needs
+        layers = self.vision_tower.vision_model.encoder.layers
+        if self._vlmprune.needs_scores or "keys" in needs:
             self._vlmprune_attn = layers[index].self_attn
             self._vlmprune_attn.qkv_proj.register_forward_hook(self._vlmprune_capture)
+        if "vision" in needs:  # the block whose output is the feature layer: vLLM builds up to it
+            layers[-1].register_forward_hook(self._vlmprune_capture_rows)
+        self._vlmprune_cls_row = kind == "cls" and self.config.vision_feature_select_strategy == "default"
 
     # -- scoring ------------------------------------------------------------------------------------
     def _vlmprune_capture(self, module: Any, args: tuple, output: Any) -> None:
         if self._vlmprune_captured is not None:
             self._vlmprune_captured.append(output[0] if isinstance(output, tuple) else output)
+
+    def _vlmprune_capture_rows(self, module: Any, args: tuple, output: Any) -> None:
+        if self._vlmprune_rows is not None:
+            self._vlmprune_rows.append(output[0] if isinstance(output, tuple) else output)
+
+    def _vlmprune_head_sum(self, x: Tensor, heads: int) -> Tensor:
+        """A mean over heads when each tensor-parallel rank holds ``heads`` of them: summed across ranks."""
+        tp = int(getattr(self._vlmprune_attn, "tp_size", 1) or 1)
+        if tp == 1:
+            return x
+        from vllm.distributed import tensor_model_parallel_all_reduce
+
+        return tensor_model_parallel_all_reduce(x * heads) / (heads * tp)
+
+    def _vlmprune_keys(self, qkv: Tensor, n: int) -> Tensor:
+        """(B, n, head_dim): the scoring layer's keys of the grid tokens, averaged over heads."""
+        _, k, _ = qkv.chunk(3, dim=-1)
+        heads = int(self._vlmprune_attn.num_heads_per_partition)
+        return self._vlmprune_head_sum(head_mean(k[:, k.shape[1] - n:], heads), heads)
 
     def _vlmprune_scores(self, qkv: Tensor) -> Tensor:
         """(B, N) patch scores from the scoring layer's fused q / k / v projections. With tensor
@@ -139,12 +173,7 @@ class PrunedLlavaForConditionalGeneration(LlavaForConditionalGeneration):
             scores = cls_attention_scores(q[:, 0], k, heads, attn.scale)
         else:
             scores = mean_received_attention(q, k, heads, attn.scale)
-        tp = int(getattr(attn, "tp_size", 1) or 1)
-        if tp > 1:
-            from vllm.distributed import tensor_model_parallel_all_reduce
-
-            scores = tensor_model_parallel_all_reduce(scores * heads) / (heads * tp)
-        return scores
+        return self._vlmprune_head_sum(scores, heads)
 
     # -- the multimodal embedding -------------------------------------------------------------------
     def embed_multimodal(self, **kwargs: object) -> Any:
@@ -155,21 +184,31 @@ class PrunedLlavaForConditionalGeneration(LlavaForConditionalGeneration):
             return []
         if image_input["type"] != "pixel_values":  # pre-computed embeddings: placeholders match them
             return self._process_image_input(image_input)
-        self._vlmprune_captured = [] if self._vlmprune.needs_scores else None
+        method = self._vlmprune
+        self._vlmprune_captured = [] if (method.needs_scores or "keys" in method.needs) else None
+        self._vlmprune_rows = [] if "vision" in method.needs else None
         try:
             features = self._process_image_pixels(image_input)
-            qkv = self._vlmprune_captured
+            qkv, layer_rows = self._vlmprune_captured, self._vlmprune_rows
         finally:
-            self._vlmprune_captured = None
+            self._vlmprune_captured = self._vlmprune_rows = None
         if not isinstance(features, Tensor):
             raise ValueError("vlmprune (vLLM plugin): expected one feature tensor for the batch of images")
         embeds = self.multi_modal_projector(features)
-        scores = None
-        if qkv is not None:
-            if len(qkv) != 1:
-                raise RuntimeError(f"vlmprune (vLLM plugin): the scoring layer ran {len(qkv)} times for one batch")
-            scores = self._vlmprune_scores(qkv[0])
-        rows = reduce_images(self._vlmprune, embeds, self._vlmprune_grid, scores)
+        for name, found in (("scoring layer", qkv), ("feature layer", layer_rows)):
+            if found is not None and len(found) != 1:
+                raise RuntimeError(f"vlmprune (vLLM plugin): the {name} ran {len(found)} times for one batch")
+        n = self._vlmprune_grid[0] * self._vlmprune_grid[1]
+        scores = self._vlmprune_scores(qkv[0]) if method.needs_scores else None
+        signals = VisionSignals()
+        if layer_rows is not None:
+            full = layer_rows[0]
+            signals.vision = full[:, full.shape[1] - n:]
+            signals.vision_cls = full[:, 0] if self._vlmprune_cls_row else None
+            signals.project = RowProjector(self.multi_modal_projector)
+        if "keys" in method.needs:
+            signals.keys = self._vlmprune_keys(qkv[0], n)
+        rows = reduce_images(method, embeds, self._vlmprune_grid, scores, signals)
         if rows and rows[0].shape[0] != self._vlmprune_kept:
             raise RuntimeError(
                 f"vlmprune (vLLM plugin): {rows[0].shape[0]} rows for an image with {self._vlmprune_kept} placeholders"
