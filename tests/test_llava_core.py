@@ -253,7 +253,7 @@ def test_pool_count(model):
 
 def test_unknown_method_lists_valid(model):
     with pytest.raises(ValueError, match="available methods: .*fastervlm"):
-        vlmprune.apply(model, "fastv")
+        vlmprune.apply(model, "fastvv")
 
 
 def test_unknown_option_lists_valid(model):
