@@ -1,0 +1,147 @@
+"""The published-geometry tier (``pytest -m published``; not in the default run): every method on every
+published geometry of ``published.py``, fed straight from the real processor class.
+
+Per (geometry, method): apply, the stats' token counts, ``generate``, a batch of two different images
+equal to each alone, ``remove()`` bit-exact; per geometry, bfloat16. A method that refuses a family at
+``apply`` with a ValueError (e.g. a signal the family lacks) is reported as a skip with its message."""
+
+from __future__ import annotations
+
+import gc
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("torchvision")
+
+from published import PUBLISHED  # noqa: E402
+
+import vlmprune  # noqa: E402
+from vlmprune.registry import available_methods, lookup  # noqa: E402
+
+pytestmark = pytest.mark.published
+
+#: options a method needs to run here (artifacts it would otherwise load)
+OPTIONS = {"dyvte": {"exit_layer": 1}, "dymu": {"thresholds": "per-block"}}
+#: methods this tier cannot run, and why
+NOT_HERE = {
+    "flash": "needs a draft trained for the checkpoint (vlmprune train-draft)",
+    "slowfast": "acts on videos only; its hybrid mode needs trained layers",
+}
+
+
+def methods() -> list[str]:
+    return [m for m in available_methods() if m not in NOT_HERE]
+
+
+_CACHE: dict = {}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _threads():
+    """Real-size matrices use every core (the suite's default of one thread suits tiny models)."""
+    before = torch.get_num_threads()
+    import os
+
+    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    yield
+    torch.set_num_threads(before)
+
+
+def built(name: str):
+    """The model and processor of one geometry, kept while its tests run (one geometry in memory)."""
+    if name not in _CACHE:
+        _CACHE.clear()
+        gc.collect()
+        model, processor = PUBLISHED[name].build()
+        _CACHE[name] = (model, processor, {})
+    return _CACHE[name]
+
+
+def pictures(n: int, size: tuple[int, int]) -> list[np.ndarray]:
+    rng = np.random.RandomState(0)
+    out = []
+    for _ in range(n):
+        base = rng.randint(0, 255, (8, 8, 3)).astype(np.float32)
+        img = np.kron(base, np.ones((size[0] // 8 + 1, size[1] // 8 + 1, 1)))[: size[0], : size[1]]
+        out.append(np.clip(img + rng.normal(0, 20, img.shape), 0, 255).astype(np.uint8))
+    return out
+
+
+def inputs_for(processor, images: list[np.ndarray], prompts: list[str]) -> dict:
+    texts = [processor.apply_chat_template(
+        [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": p}]}], add_generation_prompt=True)
+        for p in prompts]
+    return dict(processor(images=images, text=texts, padding=True, return_tensors="pt"))
+
+
+def options_for(method: str, model) -> dict:
+    opts = dict(OPTIONS.get(method, {}))
+    if opts.get("thresholds") == "per-block":
+        from vlmprune.adapters import for_model
+        from vlmprune.methods.dymu.method import POST_MERGE_ROUNDS, encoder_layout
+        from vlmprune.seams.encoder import EmittedLayout
+
+        layout = encoder_layout(for_model(model))
+        count = POST_MERGE_ROUNDS if isinstance(layout, EmittedLayout) else len(layout.blocks)
+        opts["thresholds"] = [0.9] * count
+    fields = set(lookup(method)[0].option_names())
+    if "ratio" in fields and "ratio" not in opts:
+        opts["ratio"] = 0.75
+    return opts
+
+
+def cases() -> list:
+    return [pytest.param(g, m, id=f"{g}-{m}") for g in PUBLISHED for m in methods()]
+
+
+@pytest.mark.parametrize("geometry,method", cases())
+def test_method_on_published_geometry(geometry, method):
+    model, processor, memo = built(geometry)
+    size = PUBLISHED[geometry].image_size
+    imgs = pictures(2, size)
+    batch = inputs_for(processor, imgs, ["describe the image", "what is in this picture ?"])
+    singles = [inputs_for(processor, [img], [p]) for img, p in zip(imgs, ["describe the image", "what is in this picture ?"])]
+    opts = options_for(method, model)
+    with torch.no_grad():
+        if "base" not in memo:
+            memo["base"] = model(**singles[0]).logits[:, -1]
+        base = memo["base"]
+        try:
+            handle = vlmprune.apply(model, method, **opts)
+        except ValueError as exc:
+            pytest.skip(f"{method} does not apply to {geometry}: {str(exc).splitlines()[0]}")
+        try:
+            alone = [model(**s).logits[:, -1] for s in singles]
+            rec = handle.stats.last
+            assert rec is not None and sum(rec.visual_in) > 0
+            assert sum(rec.visual_out) <= sum(rec.visual_in)
+            together = model(**batch).logits[:, -1]
+            for i in range(2):
+                assert torch.allclose(together[i], alone[i][0], atol=2e-3, rtol=1e-3), (geometry, method, i)
+            out = model.generate(**singles[0], max_new_tokens=2, do_sample=False)
+            assert out.shape[1] == singles[0]["input_ids"].shape[1] + 2
+        finally:
+            handle.remove()
+        assert torch.equal(model(**singles[0]).logits[:, -1], base)
+
+
+@pytest.mark.parametrize("geometry", list(PUBLISHED))
+def test_bfloat16_on_published_geometry(geometry):
+    model, processor, _ = built(geometry)
+    inputs = inputs_for(processor, pictures(1, PUBLISHED[geometry].image_size), ["describe the image"])
+    model.to(torch.bfloat16)
+    try:
+        pv = {k: (v.to(torch.bfloat16) if k.startswith("pixel_values") and v.is_floating_point() else v)
+              for k, v in inputs.items()}
+        with torch.no_grad():
+            for method in ("fastervlm", "fastv"):
+                if method not in available_methods():
+                    continue
+                with vlmprune.apply(model, method, ratio=0.75) as handle:
+                    logits = model(**pv).logits
+                    assert logits.dtype == torch.bfloat16 and torch.isfinite(logits.float()).all()
+                    assert sum(handle.stats.last.visual_out) < sum(handle.stats.last.visual_in)
+    finally:
+        model.to(torch.float32)
