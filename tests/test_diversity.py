@@ -437,6 +437,7 @@ def test_bad_options_name_the_valid_values(llava):
         vlmprune.apply(llava, "cdpruner", relevance="clip")
     with pytest.raises(ValueError, match="tokens must be"):
         CDPrunerConfig(tokens=0)
+    assert CDPrunerConfig(relevance=None).relevance == "none"  # vlmprune-eval reads "none" as None
     with pytest.raises(ValueError, match="ratio must be"):
         DivPruneConfig(ratio=1.0)
     with pytest.raises(ValueError, match="'contiguous', 'original'"):

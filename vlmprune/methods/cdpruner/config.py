@@ -33,4 +33,6 @@ class CDPrunerConfig(PreLLMConfig):
             isinstance(self.tokens, bool) or not isinstance(self.tokens, int) or self.tokens < 1
         ):
             raise ValueError(f"tokens must be an integer >= 1 (tokens kept per group), got {self.tokens!r}")
+        if self.relevance is None:  # the eval CLI reads a bare "none" as None
+            object.__setattr__(self, "relevance", "none")
         check_choice("relevance", self.relevance, RELEVANCE)
