@@ -167,6 +167,16 @@ def check_choice(name: str, value: object, choices: tuple) -> None:
         raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}; got {value!r}")
 
 
+def as_layers(value: Any) -> Any:
+    """A ``layers`` option as a tuple (a list or a single int given by a user or the CLI); other
+    values come back as they are, for ``validate`` to judge."""
+    if isinstance(value, list):
+        return tuple(value)
+    if isinstance(value, int) and not isinstance(value, bool):
+        return (value,)
+    return value
+
+
 def keep_count(n: int, ratio: float) -> int:
     """Tokens kept out of ``n``: round(n * (1 - ratio)), at least one (FasterVLM's convention)."""
     return max(1, min(n, int(round(n * (1.0 - ratio)))))

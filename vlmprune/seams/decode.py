@@ -312,22 +312,9 @@ def rewind_decode_states(modules: list[nn.Module], cache: Any, dropped: int) -> 
     """
     if dropped <= 0:
         return
-    from .pre_llm import DecodeState
-
-    for module in modules:
-        for hook in list(module._forward_pre_hooks.values()):
-            owner = getattr(hook, "__self__", None)
-            states = getattr(owner, "_states", None)
-            if not isinstance(states, weakref.WeakKeyDictionary) or cache not in states:
-                continue
-            state = states[cache]
-            if not isinstance(state, DecodeState):
-                raise ValueError(
-                    f"flash: cannot roll back the decode state of {type(owner).__name__} after rejected "
-                    "drafts; speculative decoding does not compose with that method"
-                )
-            state.mask = state.mask[:, : state.mask.shape[1] - dropped]
-            state.next_position = state.next_position - dropped
+    for state in decode_states(modules, cache):
+        state.mask = state.mask[:, : state.mask.shape[1] - dropped]
+        state.next_position = state.next_position - dropped
 
 
 def _pruned_columns(model: nn.Module) -> tuple[Tensor | None, Tensor | None]:

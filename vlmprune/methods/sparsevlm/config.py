@@ -6,7 +6,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from vlmprune.method import EvalContext, MethodConfig, Stage, axis_product, check_choice
+from vlmprune.method import EvalContext, MethodConfig, Stage, as_layers, axis_product, check_choice
 
 from .ops import BUDGETS, V1_PRESETS
 
@@ -39,10 +39,7 @@ class SparseVLMConfig(MethodConfig):
     positions: str | None = None
 
     def __post_init__(self) -> None:
-        if isinstance(self.layers, list):
-            object.__setattr__(self, "layers", tuple(self.layers))
-        elif isinstance(self.layers, int) and not isinstance(self.layers, bool):
-            object.__setattr__(self, "layers", (self.layers,))
+        object.__setattr__(self, "layers", as_layers(self.layers))
         super().__post_init__()
 
     def validate(self) -> None:
