@@ -132,6 +132,30 @@ class Adapter:
         """Groups of visual tokens of this call, in the order the stock model scatters them."""
         raise TypeError(f"{type(self).__name__} must implement visual_groups()")
 
+    #: AnyRes layouts a pre-LLM method may ask for (``anyres=``); empty for families without AnyRes crops
+    anyres_layouts: ClassVar[tuple[str, ...]] = ()
+
+    def check_anyres(self, layout: str, positions: str) -> None:
+        """Refuse, at ``apply`` time, a crop layout this family does not have."""
+        if layout not in self.anyres_layouts:
+            offered = ", ".join(repr(x) for x in self.anyres_layouts) or "none (no AnyRes crops)"
+            raise ValueError(
+                f"vlmprune: anyres={layout!r} is not offered for {self.family or type(self).__name__} models; "
+                f"layouts offered: {offered}"
+            )
+
+    def anyres_groups(self, layout: str, ctx: context.CallContext, groups: list[VisualGroup]) -> None:
+        """Make ``groups`` show what reaches the LLM in ``layout`` before the method decides."""
+        raise ValueError(f"vlmprune: {self.family or type(self).__name__} models have no {layout!r} layout")
+
+    def anyres_sequence(
+        self, layout: str, ctx: context.CallContext, embeds: Tensor, visual: Tensor,
+        groups: list[VisualGroup], reductions: list[Any],
+    ) -> tuple[Tensor, Tensor]:
+        """The keep mask and embeddings when the kept crop tokens are laid out in ``layout`` rather
+        than the stock packing (families with :attr:`anyres_layouts`)."""
+        raise ValueError(f"vlmprune: {self.family or type(self).__name__} models have no {layout!r} layout")
+
     def install_seam(self, hooks: Any, handle: Any) -> None:
         """Family-specific fixes every pre-LLM method needs (e.g. position layouts); none by default."""
         return None

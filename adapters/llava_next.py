@@ -69,6 +69,8 @@ class LlavaNextAdapter(ClipTowerMixin, Adapter):
     model_classes = ("LlavaNextForConditionalGeneration",)
     model_types = ("llava_next",)
 
+    anyres_layouts = ("unpad", "spatial")
+
     # -- images for the vision tower --------------------------------------------------------------
     def split_images(
         self, pixel_values: Tensor, image_sizes: Any = None, batch_num_images: Any = None, **processor_outputs: Any
@@ -248,6 +250,113 @@ class LlavaNextAdapter(ClipTowerMixin, Adapter):
         """Groups of an image whose stitched grid the model interpolated (OneVision only)."""
         raise RuntimeError(f"vlmprune: {type(self.inner).__name__} does not interpolate AnyRes grids")
 
+    # -- the reference code's "spatial" layout ---------------------------------------------------
+    def check_anyres(self, layout: str, positions: str) -> None:
+        super().check_anyres(layout, positions)
+        if layout == "spatial" and positions != "contiguous":
+            raise ValueError(
+                "vlmprune: anyres='spatial' numbers the kept tokens contiguously, as the reference code "
+                f"does; positions={positions!r} has no meaning there (leave positions unset)"
+            )
+
+    def anyres_groups(self, layout: str, ctx: context.CallContext, groups: list[VisualGroup]) -> None:
+        """In the "spatial" layout every crop token can reach the LLM (nothing is unpadded away):
+        each group shows all its tokens as present, with projected features for the ones the stock
+        packing drops, so methods that choose among present tokens (DivPrune, CDPruner) see them.
+        The real columns are kept aside for :meth:`anyres_sequence`."""
+        ctx.captured["anyres.columns"] = [g.columns for g in groups]
+        for g in groups:
+            absent = g.columns < 0
+            if g.features is not None and bool(absent.any()):
+                rows = g.project(g.vision[absent.to(g.vision.device)]).to(g.features.device, g.features.dtype)
+                g.features = g.features.clone()
+                g.features[absent.to(g.features.device)] = rows
+            g.columns = torch.arange(g.columns.numel(), device=g.columns.device)
+
+    def anyres_sequence(
+        self, layout: str, ctx: context.CallContext, embeds: Tensor, visual: Tensor,
+        groups: list[VisualGroup], reductions: list[Any],
+    ) -> tuple[Tensor, Tensor]:
+        """The "spatial" layout of the LLaVA reference code: per image the kept base-view tokens
+        (raster order), then the kept grid-crop tokens in raster order of the stitched
+        (rows x crop side) x (cols x crop side) grid; no unpadding (a crop token the stock packing
+        unpads away can be kept, its embedding projected from the tower's output), no newlines.
+        The tokens fill the start of the image's placeholder run and the rest is dropped, so the
+        kept count must fit in the run the processor made; positions are renumbered contiguously
+        by the seam, so only the order counts."""
+        strategy = ctx.inputs.get("vision_feature_select_strategy") or self.config.vision_feature_select_strategy
+        if self._extra_tokens(ctx):
+            raise ValueError(f"vlmprune: anyres='spatial' needs the 'default' feature strategy, not {strategy!r}")
+        mask = self._token_masks(ctx, visual)["image"]
+        keep = torch.ones(embeds.shape[:2], dtype=torch.bool, device=embeds.device)
+        out = embeds.clone()
+        if not bool(mask.any()):
+            return keep, out
+        h, w = self._crop_grid()
+        feat = h * w
+        crops = self._crops_per_image(ctx, mask.sum(1).tolist())
+        spans = self.split_columns(mask, [p.numel() for p, _ in self._image_layouts(ctx, crops, feat)])
+        real = ctx.captured["anyres.columns"]
+        by_sample: dict[int, list[tuple[VisualGroup, Tensor, Any]]] = {}
+        for group, cols, red in zip(groups, real, reductions):  # a sample's groups: its images' crops, in order
+            by_sample.setdefault(group.sample, []).append((group, cols, red))
+        taken: dict[int, int] = {}
+        side = int(self.config.vision_config.image_size)
+        for (sample, span), n_crops, size in zip(spans, crops, ctx.inputs["image_sizes"]):
+            start = taken.get(sample, 0)
+            members = by_sample[sample][start : start + n_crops]
+            taken[sample] = start + n_crops
+            grid_rows, grid_cols = self._modeling().get_anyres_image_grid_shape(
+                tuple(int(v) for v in size), self.config.image_grid_pinpoints, side
+            )
+            if n_crops != 1 + grid_rows * grid_cols:
+                raise ValueError(f"vlmprune: an image has {n_crops} crops, expected 1 + {grid_rows} x {grid_cols}")
+            tokens, order = [], []
+            for c, (group, cols, red) in enumerate(members):
+                rows_out = self._crop_tokens(group, cols, red, embeds, out.dtype)
+                a = red.anchors.to(torch.long).cpu()
+                y, x = a // w, a % w
+                if c == 0:
+                    key = a
+                else:
+                    r, q = divmod(c - 1, grid_cols)
+                    key = feat + (r * h + y) * (grid_cols * w) + q * w + x
+                tokens.append(rows_out)
+                order.append(key)
+            key = torch.cat(order)
+            seq = torch.cat(tokens)[torch.argsort(key, stable=True).to(embeds.device)]
+            span = span.to(embeds.device)
+            if seq.shape[0] > span.numel():
+                raise ValueError(
+                    f"vlmprune: anyres='spatial' keeps {seq.shape[0]} tokens of this image but its prompt has "
+                    f"{span.numel()} image placeholders (the stock, unpadded count); raise the ratio"
+                )
+            keep[sample, span] = False
+            keep[sample, span[: seq.shape[0]]] = True
+            out[sample, span[: seq.shape[0]]] = seq
+        return keep, out
+
+    @staticmethod
+    def _crop_tokens(group: VisualGroup, columns: Tensor, red: Any, embeds: Tensor, dtype: torch.dtype) -> Tensor:
+        """A crop's kept tokens as LLM-input rows: the stock embedding where the crop token reaches
+        the LLM, otherwise the projector applied to the tower's row; averages and built tokens
+        as the method gave them."""
+        if red.tokens is not None:
+            return red.tokens.to(embeds.device, dtype)
+        cols = columns.to(embeds.device)
+        present = cols >= 0
+        full = torch.empty(cols.numel(), embeds.shape[-1], dtype=dtype, device=embeds.device)
+        full[present] = embeds[group.sample, cols[present]]
+        if bool((~present).any()):
+            if group.vision is None or group.project is None:
+                raise RuntimeError("vlmprune: anyres='spatial' needs the tower's rows of every crop token")
+            full[~present] = group.project(group.vision[~present.to(group.vision.device)]).to(embeds.device, dtype)
+        if red.weights is not None:
+            w = red.weights.to(embeds.device, torch.float32)
+            w = w / w.sum(dim=1, keepdim=True).clamp(min=1e-12)
+            return (w @ full.float()).to(dtype)
+        return full[red.anchors.to(embeds.device)]
+
     def visual_groups(self, ctx: context.CallContext, visual: Tensor, scores: str | None) -> list[VisualGroup]:
         """Per sample: its images' crops (base view, then grid crops, images in prompt order),
         then its video frames. Columns carry the placement; this order only fixes which group is
@@ -277,6 +386,7 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
     family = "llava_onevision"
     model_classes = ("LlavaOnevisionForConditionalGeneration",)
     model_types = ("llava_onevision",)
+    anyres_layouts = ("unpad",)  # the reference "spatial" layout is LLaVA-NeXT's (OneVision interpolates)
 
     def _crop_counts(self, image_sizes: Any, batch_num_images: Any = None) -> list[int]:
         """Crops per image: AnyRes-patched only when its sample has one image (``batch_num_images``),

@@ -33,21 +33,27 @@ from ..stats import ForwardRecord
 from .scope import ensure_cache, install_scope
 
 POSITION_CHOICES = (None, "contiguous", "original")
+ANYRES_CHOICES = (None, "unpad", "spatial")
 
 
 @dataclass(frozen=True)
 class PreLLMConfig(MethodConfig):
     """Options every pre-LLM reduction shares. ``ratio``: fraction of visual tokens removed, in
     [0, 1). ``positions``: how kept tokens are numbered (None: the adapter's default, see the
-    "Positions after pruning" in docs/models.md)."""
+    "Positions after pruning" in docs/models.md). ``anyres``: how AnyRes crops (LLaVA-NeXT) reach
+    the LLM: None / "unpad" the stock model's packing (crops stitched, unpadded, a newline per row),
+    "spatial" the layout the LLaVA reference code runs (base view, then the stitched grid in raster
+    order, no unpadding, no newlines; contiguous positions)."""
 
     stage: ClassVar[Stage] = Stage.PRE_LLM
     ratio: float = 0.9
     positions: str | None = None
+    anyres: str | None = None
 
     def validate(self) -> None:
         check_ratio(self.ratio)
         check_choice("positions", self.positions, POSITION_CHOICES)
+        check_choice("anyres", self.anyres, ANYRES_CHOICES)
 
 
 @dataclass
@@ -305,7 +311,21 @@ class PreLLMSeam:
         self.method = method
         self.handle = handle
         self.positions = getattr(method.config, "positions", None) or adapter.default_positions
+        self.anyres = getattr(method.config, "anyres", None)
+        if self.anyres is not None:
+            adapter.check_anyres(self.anyres, self.positions)
         self._states: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+    @property
+    def _relayout(self) -> bool:
+        """Whether the adapter rebuilds the visual sequence (a non-stock AnyRes layout)."""
+        return self.anyres not in (None, "unpad")
+
+    def _vision_needs(self) -> frozenset[str]:
+        """Vision-side signals to capture: the method's, plus the projector inputs a re-layout needs
+        for crop tokens the stock packing drops."""
+        needs = frozenset(getattr(self.method, "needs", ())) - SEAM_SIGNALS
+        return needs | {"vision"} if self._relayout else needs
 
     # -- installation -------------------------------------------------------------------------
     def install(self, hooks: Any) -> None:
@@ -319,7 +339,7 @@ class PreLLMSeam:
         hooks.set_attr(self.adapter.model, "_supports_mm_encoder_outputs", lambda: False)
         if self.method.needs_scores:
             self.adapter.install_scoring(hooks, self.method.needs_scores, self.handle)
-        vision_side = frozenset(getattr(self.method, "needs", ())) - SEAM_SIGNALS
+        vision_side = self._vision_needs()
         if vision_side:
             self.adapter.install_signals(hooks, vision_side, self.handle)
 
@@ -417,12 +437,14 @@ class PreLLMSeam:
         """The keep mask over columns and the (possibly averaged) embeddings: one decision per
         visual group. Seams whose reductions span several groups (video frames) override this."""
         groups = self.adapter.visual_groups(ctx, visual, self.method.needs_scores)
-        needs = set(getattr(self.method, "needs", ()))
+        needs = set(getattr(self.method, "needs", ())) | set(self._vision_needs())
         if needs:
             fill_signals(groups, needs, embeds, visual, mask)
             vision_side = needs - SEAM_SIGNALS
             if vision_side:
                 self.adapter.vision_signals(ctx, groups, frozenset(vision_side))
+        if self._relayout:
+            self.adapter.anyres_groups(self.anyres, ctx, groups)
         reductions = []
         per_sample_index: dict[int, int] = {}
         seed = getattr(self.method.config, "seed", 0)
@@ -432,6 +454,8 @@ class PreLLMSeam:
             gen = torch.Generator().manual_seed(seed * 1_000_003 + i)  # batch-invariant draws
             reductions.append(self.method.reduce(group, gen))
         ctx.decision_flops = sum(float(r.flops) for r in reductions)
+        if self._relayout:
+            return self.adapter.anyres_sequence(self.anyres, ctx, embeds, visual, groups, reductions)
         return apply_reductions(embeds, groups, reductions)
 
     def _adjust(self, ctx: Any, pruned: PrunedSequence, visual: Tensor) -> PrunedSequence:
