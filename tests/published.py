@@ -172,16 +172,29 @@ def qwen2_vl_2b() -> tuple[Any, Any]:
     return _finish(Qwen2VLForConditionalGeneration(cfg), _qwen_processor())
 
 
+#: Qwen2.5-VL language models: (hidden, intermediate, heads, kv heads, vocab, tied embeddings)
+QWEN2_5_VL_TEXT = {"3b": (2048, 11008, 16, 2, 151936, True), "7b": (3584, 18944, 28, 4, 152064, False)}
+
+
 def qwen2_5_vl_3b() -> tuple[Any, Any]:
+    return qwen2_5_vl("3b")
+
+
+def qwen2_5_vl_7b() -> tuple[Any, Any]:
+    return qwen2_5_vl("7b")
+
+
+def qwen2_5_vl(size: str) -> tuple[Any, Any]:
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
-    vision = dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, out_hidden_size=2048, patch_size=14,
+    width, inter, heads, kv, vocab, tied = QWEN2_5_VL_TEXT[size]
+    vision = dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, out_hidden_size=width, patch_size=14,
                   spatial_merge_size=2, temporal_patch_size=2, window_size=112, fullatt_block_indexes=[7, 15, 23, 31],
                   tokens_per_second=2, hidden_act="silu")
-    text = dict(hidden_size=2048, intermediate_size=11008, num_hidden_layers=LLM_LAYERS, num_attention_heads=16,
-                num_key_value_heads=2, vocab_size=151936, max_position_embeddings=128000, rms_norm_eps=1e-6,
+    text = dict(hidden_size=width, intermediate_size=inter, num_hidden_layers=LLM_LAYERS, num_attention_heads=heads,
+                num_key_value_heads=kv, vocab_size=vocab, max_position_embeddings=128000, rms_norm_eps=1e-6,
                 rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": [16, 24, 24]},
-                tie_word_embeddings=True, bos_token_id=151643, eos_token_id=151645, pad_token_id=151643)
+                tie_word_embeddings=tied, bos_token_id=151643, eos_token_id=151645, pad_token_id=151643)
     cfg = Qwen2_5_VLConfig(vision_config=vision, text_config=text, **_qwen_ids())
     cfg._attn_implementation = "sdpa"
     torch.manual_seed(0)
@@ -200,6 +213,16 @@ def _qwen2_05b_text(**kw: Any) -> Any:
 
 
 def llava_onevision_qwen2_0_5b() -> tuple[Any, Any]:
+    return llava_onevision(_qwen2_05b_text(vocab_size=152000))
+
+
+def llava_onevision_qwen2_7b() -> tuple[Any, Any]:
+    """Qwen2-7B language model (LLaVA-OneVision-Qwen2-7B)."""
+    return llava_onevision(_qwen2_05b_text(hidden_size=3584, intermediate_size=18944, num_attention_heads=28,
+                                           num_key_value_heads=4, vocab_size=152128, tie_word_embeddings=False))
+
+
+def llava_onevision(text: Any) -> tuple[Any, Any]:
     from transformers import (
         LlavaOnevisionConfig,
         LlavaOnevisionForConditionalGeneration,
@@ -213,7 +236,7 @@ def llava_onevision_qwen2_0_5b() -> tuple[Any, Any]:
     pinpoints = [[h, w] for h in sizes for w in sizes]
     vision = SiglipVisionConfig(hidden_size=1152, intermediate_size=4304, num_hidden_layers=26, num_attention_heads=16,
                                 image_size=384, patch_size=14, vision_use_head=False)
-    cfg = LlavaOnevisionConfig(vision_config=vision, text_config=_qwen2_05b_text(vocab_size=152000),
+    cfg = LlavaOnevisionConfig(vision_config=vision, text_config=text,
                                image_token_index=151646, video_token_index=151647, image_grid_pinpoints=pinpoints,
                                vision_feature_layer=-1, vision_feature_select_strategy="full",
                                vision_aspect_ratio="anyres_max_9")
@@ -235,6 +258,16 @@ def llava_onevision_qwen2_0_5b() -> tuple[Any, Any]:
 
 
 def internvl3_1b() -> tuple[Any, Any]:
+    return internvl3(_qwen2_05b_text(vocab_size=151674))
+
+
+def internvl3_2b() -> tuple[Any, Any]:
+    """Qwen2.5-1.5B language model (InternVL3-2B)."""
+    return internvl3(_qwen2_05b_text(hidden_size=1536, intermediate_size=8960, num_attention_heads=12,
+                                     num_key_value_heads=2, vocab_size=151674))
+
+
+def internvl3(text: Any) -> tuple[Any, Any]:
     from transformers import (
         GotOcr2ImageProcessor,
         InternVLConfig,
@@ -247,7 +280,7 @@ def internvl3_1b() -> tuple[Any, Any]:
     vision = InternVLVisionConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
                                   image_size=[448, 448], patch_size=[14, 14], use_qk_norm=False, use_mean_pooling=True,
                                   layer_scale_init_value=0.1, norm_type="layer_norm")
-    cfg = InternVLConfig(vision_config=vision, text_config=_qwen2_05b_text(vocab_size=151674), image_token_id=151667,
+    cfg = InternVLConfig(vision_config=vision, text_config=text, image_token_id=151667,
                          image_seq_length=256, downsample_ratio=0.5, projector_hidden_act="gelu",
                          vision_feature_layer=-1, vision_feature_select_strategy="default")
     cfg._attn_implementation = "sdpa"
@@ -273,4 +306,7 @@ PUBLISHED = {
     "qwen2-vl-2b": Published("Qwen/Qwen2-VL-2B-Instruct", qwen2_vl_2b, (224, 308)),
     "qwen2.5-vl-3b": Published("Qwen/Qwen2.5-VL-3B-Instruct", qwen2_5_vl_3b, (224, 308)),
     "internvl3-1b": Published("OpenGVLab/InternVL3-1B-hf", internvl3_1b, (448, 448)),
+    "llava-onevision-7b": Published("llava-hf/llava-onevision-qwen2-7b-ov-hf", llava_onevision_qwen2_7b, (380, 380)),
+    "qwen2.5-vl-7b": Published("Qwen/Qwen2.5-VL-7B-Instruct", qwen2_5_vl_7b, (224, 308)),
+    "internvl3-2b": Published("OpenGVLab/InternVL3-2B-hf", internvl3_2b, (448, 448)),
 }
