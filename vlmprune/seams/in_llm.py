@@ -271,16 +271,36 @@ class LayerAttention:
     valid: Tensor
     charge: Callable[[float], None]
     _keys: Tensor | None = None
+    _keys_first: Tensor | None = None
 
-    def keys(self) -> Tensor:
-        """(B, H, L, d): post-RoPE keys, repeated to the query heads."""
+    def keys(self, from_first_token: bool = False) -> Tensor:
+        """(B, H, L, d): post-RoPE keys, repeated to the query heads.
+
+        ``from_first_token``: rotate as if each row's positions started at 0 on its first valid
+        token. Attention scores only see position differences, but a key's own norm (other than
+        L2) depends on its absolute angle, and a plain ``forward`` on a left-padded batch numbers
+        a padded row from the padding; this makes such a statistic the same for a row in a batch
+        as for the sample alone (a no-op for an unpadded row)."""
+        if from_first_token:
+            if self._keys_first is None:
+                cos, sin = self.rope
+                first = self.valid.float().argmax(dim=1)
+                cos_s = gather_sequence(cos, first.unsqueeze(1), 1)
+                sin_s = gather_sequence(sin, first.unsqueeze(1), 1)
+                amp = torch.sqrt(cos_s * cos_s + sin_s * sin_s).clamp(min=1e-12)  # rope's attention scaling
+                shifted = ((cos * cos_s + sin * sin_s) / amp, (sin * cos_s - cos * sin_s) / amp)
+                self._keys_first = self._rotated_keys(shifted)
+            return self._keys_first
         if self._keys is None:
-            bsz, length, _ = self.key_proj.shape
-            k = self.key_proj.view(bsz, length, -1, self.head_dim).transpose(1, 2)
-            cos, sin = self.rope
-            _, k = self.apply_rope(k, k, cos, sin)
-            self._keys = repeat_kv(k, self.heads)
+            self._keys = self._rotated_keys(self.rope)
         return self._keys
+
+    def _rotated_keys(self, rope: tuple[Tensor, Tensor]) -> Tensor:
+        bsz, length, _ = self.key_proj.shape
+        k = self.key_proj.view(bsz, length, -1, self.head_dim).transpose(1, 2)
+        cos, sin = rope
+        _, k = self.apply_rope(k, k, cos, sin)
+        return repeat_kv(k, self.heads)
 
     def queries(self, rows: Tensor) -> Tensor:
         """(B, H, r, d): post-RoPE queries of the rows (B, r)."""

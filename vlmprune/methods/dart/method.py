@@ -36,7 +36,7 @@ class DARTPolicy:
         if layer != self.k - 1:
             return None
         c = self.config
-        norms = key_l1(signals.attention().keys())
+        norms = key_l1(signals.attention().keys(from_first_token=True))  # a padded row = the sample alone
         states = signals.final_norm()
         visual, valid = signals.visual, signals.valid
         keep = ~visual.clone()
