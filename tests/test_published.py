@@ -145,3 +145,23 @@ def test_bfloat16_on_published_geometry(geometry):
                     assert sum(handle.stats.last.visual_out) < sum(handle.stats.last.visual_in)
     finally:
         model.to(torch.float32)
+
+
+def test_next_spatial_layout_on_published_geometry():
+    """LLaVA-v1.6's reference layout at the paper's 95%: k = 29 per crop, no newlines (the FasterVLM
+    README's 29 x 5 = 145 for a 2 x 2 grid), straight from the real processor."""
+    from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
+
+    from vlmprune.method import keep_count
+
+    model, processor, _ = built("llava-v1.6-mistral-7b")
+    inputs = inputs_for(processor, pictures(1, PUBLISHED["llava-v1.6-mistral-7b"].image_size), ["describe the image"])
+    crops = image_size_to_num_patches(inputs["image_sizes"][0].tolist(), model.config.image_grid_pinpoints, 336)
+    with torch.no_grad():
+        base = model(**inputs).logits[:, -1]
+        with vlmprune.apply(model, "fastervlm", ratio=0.95, anyres="spatial") as handle:
+            out = model.generate(**inputs, max_new_tokens=2, do_sample=False)
+            assert out.shape[1] == inputs["input_ids"].shape[1] + 2
+            prefill = handle.stats.records[0]
+            assert prefill.visual_out[0] == keep_count(576, 0.95) * crops
+        assert torch.equal(model(**inputs).logits[:, -1], base)
