@@ -43,15 +43,17 @@ class Sizes:
     max_positions: int = 2048
 
 
-def vocabulary() -> list[str]:
+def vocabulary(extra: Sequence[str] = ()) -> list[str]:
+    """The word list, ids in order; ``extra`` words (the captioner's) come after the built-in ones,
+    so the built-in ids are the same in both tokenizers."""
     words = list(SPECIALS)
-    for w in (*VOCAB, *CAPTION_WORDS):
+    for w in (*VOCAB, *CAPTION_WORDS, *extra):
         if w not in words:
             words.append(w)
     return words
 
 
-def build_tokenizer() -> Any:
+def build_tokenizer(extra_words: Sequence[str] = ()) -> Any:
     """Word-level tokenizer: one token per word, so each answer is a single token. Every encoded
     text starts with ``<s>``, as Llama tokenizers do: the LM needs that fixed first token as an
     attention sink, or a question whose answer depends on whether something is in the image
@@ -59,7 +61,7 @@ def build_tokenizer() -> Any:
     from tokenizers import Tokenizer, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
-    vocab = {w: i for i, w in enumerate(vocabulary())}
+    vocab = {w: i for i, w in enumerate(vocabulary(extra_words))}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     bos = vocab["<s>"]

@@ -20,6 +20,9 @@ tasks (built-in, test split; items per task by default: {limits}):
   video_mc       video questions (direction, moving, first, count); 8 frames tiled into 2 images
   video_caption  greedy caption of the clip, scored by token F1 against the reference (shown as
                  the accuracy column, labelled "token F1")
+  video_dense_caption  (not in the default list; for --model evals/captioner) a 33-47 word
+                 caption of a 2-3 object clip, scored by the per-fact score (share of the clip's
+                 facts stated correctly; token F1 in the JSON's other_metrics)
 
 Item i of an image task is test image i with one of its questions (question types taken in turn);
 item i of a video task is test clip i. The same items serve every method and ratio.

@@ -593,6 +593,199 @@ def make_video(split: str, index: int) -> VideoSample:
 
 
 # --------------------------------------------------------------------------------------------------
+# Dense video captions
+
+
+#: Words of the dense captions that the short captions and questions never use. They are kept out
+#: of :data:`VOCAB` so the shipped built-in tokenizer (and its checkpoint) stay as they are; the
+#: captioner's tokenizer is the built-in vocabulary with these appended.
+DENSE_WORDS: tuple[str, ...] = ("in", "detail", "at", "top", "middle", "bottom", "center", ".")
+#: The dense captioning prompt (the reference caption follows it).
+DENSE_PROMPT: tuple[str, ...] = ("describe", "the", "video", "in", "detail", "?")
+VERTICAL: tuple[str, ...] = ("top", "middle", "bottom")
+HORIZONTAL: tuple[str, ...] = ("left", "center", "right")
+_DENSE_SPEEDS = (3, 4)  # faster than the short clips: 21-28 px over a clip, so direction is plain
+
+
+@dataclass
+class DenseVideoSample:
+    """A clip of the dense captioning task: 2 or 3 objects, each with its motion and first frame."""
+
+    uid: str
+    frames: np.ndarray  # (8, 112, 112, 3) uint8
+    objects: tuple[Obj, ...]  # in caption order (order of events), positions at first visible frame
+    motions: tuple[str, ...]
+    appear: tuple[int, ...]
+    speeds: tuple[int, ...]
+    caption: str
+    path: str | None = None
+
+
+def region(o: Obj) -> tuple[str, str]:
+    """(vertical, horizontal) third of the 112 px frame that holds the object's centre."""
+    c = FRAME_SIZE_PX[o.size] / 2
+    y, x = o.row * PATCH + c, o.col * PATCH + c
+    third = FRAME_SIZE / 3
+    return VERTICAL[min(2, int(y // third))], HORIZONTAL[min(2, int(x // third))]
+
+
+def dense_caption_words(objects: tuple[Obj, ...], motions: tuple[str, ...], appear: tuple[int, ...]) -> tuple[str, ...]:
+    """The dense reference caption: the object count, then one sentence per object in order of
+    events ("first", "and" for an object appearing together with the previous one, "then" for a
+    later one) naming its size, colour, shape, where it appears and how it moves, e.g.
+    "there are two objects . first a small red circle appears at the top left and moves down .
+    then a large blue cross appears at the bottom right and stays still ." (33 or 47 words)."""
+    words = ["there", "are", COUNT_WORDS[len(objects) - 1], "objects", "."]
+    for i, o in enumerate(objects):
+        lead = "first" if i == 0 else ("and" if appear[i] == appear[i - 1] else "then")
+        v, h = region(o)
+        move = ["stays", "still"] if motions[i] == "still" else ["moves", motions[i]]
+        words += [lead, "a", o.size, o.color, o.shape, "appears", "at", "the", v, h, "and", *move, "."]
+    return tuple(words)
+
+
+def dense_facts(words: tuple[str, ...] | list[str]) -> set[tuple[str, ...]]:
+    """The facts a dense caption states, read back from its words: ("count", n) and, per object
+    keyed by its colour (colours are distinct in a clip), its shape, size, motion, vertical and
+    horizontal place and event number (0 for the first appearance, +1 per "then"). Sentences that
+    do not parse contribute only what they state unambiguously, so a half-right caption gets
+    partial credit and nothing else."""
+    words = list(words)
+    facts: set[tuple[str, ...]] = set()
+    if len(words) >= 3 and words[:2] == ["there", "are"] and words[2] in COUNT_WORDS:
+        facts.add(("count", words[2]))
+    event = 0
+    sentence: list[str] = []
+    for w in [*words, "."]:
+        if w != ".":
+            sentence.append(w)
+            continue
+        s, sentence = sentence, []
+        if not s or s[0] not in ("first", "and", "then"):
+            continue
+        if s[0] == "then":
+            event += 1
+        color = next((t for t in s if t in COLORS), None)
+        if color is None:
+            continue
+        facts.add((color, "event", str(event)))
+        for t in s:
+            if t in SHAPES:
+                facts.add((color, "shape", t))
+            elif t in SIZES:
+                facts.add((color, "size", t))
+            elif t in VERTICAL:
+                facts.add((color, "vertical", t))
+        after_at = s[s.index("the") + 1:] if "the" in s else []
+        if len(after_at) >= 2 and after_at[1] in HORIZONTAL:
+            facts.add((color, "horizontal", after_at[1]))
+        if "still" in s:
+            facts.add((color, "motion", "still"))
+        elif "moves" in s and s.index("moves") + 1 < len(s) and s[s.index("moves") + 1] in DIRECTIONS:
+            facts.add((color, "motion", s[s.index("moves") + 1]))
+    return facts
+
+
+def fact_score(prediction: tuple[str, ...] | list[str], reference: tuple[str, ...] | list[str]) -> float:
+    """Share of the reference caption's facts that the prediction states correctly (a fact stated
+    twice with different values counts as wrong)."""
+    ref = dense_facts(reference)
+    pred = dense_facts(prediction)
+    keys: dict[tuple[str, ...], int] = {}
+    for f in pred:
+        keys[f[:-1]] = keys.get(f[:-1], 0) + 1
+    hits = sum(1 for f in ref if f in pred and keys[f[:-1]] == 1)
+    return hits / len(ref) if ref else float(not pred)
+
+
+def _place_dense(rng: np.random.Generator, attrs, motions, speeds, appear) -> list[Obj] | None:
+    objects: list[Obj] = []
+    for i, (shape, color, size) in enumerate(attrs):
+        px = FRAME_SIZE_PX[size]
+        dy, dx = _DIR_VECTORS[motions[i]]
+        travel = speeds[i] * (NUM_FRAMES - 1 - appear[i])
+        rows = [r for r in range(FRAME_GRID) if 0 <= r * PATCH + dy * travel and r * PATCH + dy * travel + px <= FRAME_SIZE and r * PATCH + px <= FRAME_SIZE]
+        cols = [c for c in range(FRAME_GRID) if 0 <= c * PATCH + dx * travel and c * PATCH + dx * travel + px <= FRAME_SIZE and c * PATCH + px <= FRAME_SIZE]
+        for _ in range(100):
+            cand = Obj(shape, color, size, int(rng.choice(rows)), int(rng.choice(cols)))
+            box = _swept_box(cand, motions[i], speeds[i], appear[i])
+            if all(
+                max(max(ob[0] - box[2], box[0] - ob[2]), max(ob[1] - box[3], box[1] - ob[3])) >= _VIDEO_GAP_PX
+                for ob in (_swept_box(other, motions[j], speeds[j], appear[j]) for j, other in enumerate(objects))
+            ):
+                objects.append(cand)
+                break
+        else:
+            return None
+    return objects
+
+
+def make_dense_video(split: str, index: int) -> DenseVideoSample:
+    """Clip ``index`` of ``split`` for dense captioning (frames in memory).
+
+    2 or 3 objects (50/50) with distinct colours; each moves (3 or 4 px per frame, in a straight
+    line that stays in frame) with probability 0.6; each object after the first appears at frame 0
+    (1/2) or at frame 2-4. Drawn from the sample's seed two PCG64 jumps on, so it shares no draws
+    with image or short-clip ``index``. A draw whose swept paths cannot be kept one patch apart is
+    redrawn from the same generator (deterministic)."""
+    seed = _seed(split, index)
+    rng = np.random.Generator(np.random.PCG64(seed).jumped(2))
+    while True:
+        n = int(rng.integers(2, 4))
+        motions = tuple(DIRECTIONS[int(rng.integers(4))] if rng.random() < 0.6 else "still" for _ in range(n))
+        speeds = tuple(int(rng.choice(_DENSE_SPEEDS)) if m != "still" else 0 for m in motions)
+        appear = tuple([0] + [int(rng.integers(2, 5)) if rng.random() < 0.5 else 0 for _ in range(n - 1)])
+        attrs = _sample_attributes(rng, n, distinct_colors=True)
+        placed = _place_dense(rng, attrs, motions, speeds, appear)
+        if placed is not None:
+            break
+    # order of events: by first frame, then top-to-bottom, left-to-right
+    order = sorted(range(n), key=lambda i: (appear[i], placed[i].row, placed[i].col))
+    objs = tuple(placed[i] for i in order)
+    motions = tuple(motions[i] for i in order)
+    speeds = tuple(speeds[i] for i in order)
+    appear = tuple(appear[i] for i in order)
+
+    bg = _background(rng, FRAME_SIZE, specks=(1, 4))
+    rgbs = [_object_rgb(rng, o.color) for o in objs]
+    pos = _track(objs, motions, speeds, appear, NUM_FRAMES)
+    noise = _noise(rng, (NUM_FRAMES, FRAME_SIZE, FRAME_SIZE, 3), float(rng.uniform(1.5, 3.0)))
+    frames = np.empty((NUM_FRAMES, FRAME_SIZE, FRAME_SIZE, 3), np.float32)
+    for t in range(NUM_FRAMES):
+        frames[t] = bg
+        for i, o in enumerate(objs):
+            if t >= appear[i]:
+                _paint(frames[t], o, int(pos[t, i, 0]), int(pos[t, i, 1]), FRAME_SIZE_PX[o.size], rgbs[i])
+    frames = _finish(frames, noise)
+    caption = " ".join(dense_caption_words(objs, motions, appear))
+    return DenseVideoSample(f"dense-{split}-{index}", frames, objs, motions, appear, speeds, caption)
+
+
+def dense_clip(split: str, index: int, directory: str | os.PathLike) -> DenseVideoSample:
+    """Dense clip ``index`` of ``split`` as read back from its mp4 (``<directory>/dense-<split>-<index>.mp4``),
+    cached and checked like :func:`video_clip`."""
+    sample = make_dense_video(split, index)
+    sample.frames, sample.path = _through_mp4(sample.frames, Path(directory) / f"{sample.uid}.mp4")
+    return sample
+
+
+def _through_mp4(expected: np.ndarray, path: Path) -> tuple[np.ndarray, str]:
+    frames = None
+    if path.is_file():
+        try:
+            frames = read_video(path)
+        except VideoReadError:
+            frames = None
+        if frames is not None and (frames.shape != expected.shape or np.abs(frames.astype(np.int16) - expected).mean() > 8.0):
+            frames = None
+    if frames is None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_mp4(expected, path)
+        frames = read_video(path)
+    return frames, str(path)
+
+
+# --------------------------------------------------------------------------------------------------
 # mp4 I/O
 
 
@@ -776,6 +969,15 @@ def save_examples(directory: str | os.PathLike, n: int = 4, split: str = "val") 
 
 __all__ = [
     "CAPTION_PROMPT",
+    "DENSE_PROMPT",
+    "DENSE_WORDS",
+    "DenseVideoSample",
+    "dense_caption_words",
+    "dense_clip",
+    "dense_facts",
+    "fact_score",
+    "make_dense_video",
+    "region",
     "COLORS",
     "COLOR_RGB",
     "COUNT_WORDS",

@@ -16,7 +16,8 @@ and the traits that decide where it runs come from its config class (the eval-gr
 Conventions of the numbers in a row (one row per task x method x ratio):
 
 * ``accuracy``: percent of items scored correct; for ``video_caption`` it is the mean token F1
-  against the reference caption, in percent (``metric`` says which).
+  against the reference caption, for ``video_dense_caption`` the mean per-fact score (its token F1
+  is in ``other_metrics``), in percent (``metric`` says which).
 * ``tflops``: per sample, the toolkit's convention (vlmprune.flops), with the LLM counted at the
   length each sample really had after pruning (its own unpadded length, so the batch size does
   not change it), the generated tokens of that sample for generation tasks (up to and including
@@ -53,6 +54,9 @@ from vlmprune.method import EvalContext, MethodConfig, axis_product
 from vlmprune.registry import available_methods, lookup, make_config
 
 BUILTIN_TASKS: tuple[str, ...] = ("image_mc", "image_short", "video_mc", "video_caption")
+#: built-in tasks outside the default grid (run with ``--task``): the dense captions are written
+#: by the captioner (evals/captioner); the built-in model was never trained on them
+EXTRA_TASKS: tuple[str, ...] = ("video_dense_caption",)
 DEFAULT_RATIOS: tuple[float, ...] = (0.5, 0.75, 0.9, 0.95)
 #: the unpatched model's name in a method list (the only method name the harness knows)
 NONE = "none"
@@ -68,10 +72,13 @@ def default_methods() -> tuple[str, ...]:
 #: items per task of the default run, sized so that the whole default grid (4 tasks x 13 cells)
 #: finishes in under 5 minutes on a 2-core CPU (measured with the untrained built-in model, which
 #: never stops a caption early, 1 thread, the other core busy: 3 min 20 s wall, videos written cold).
-DEFAULT_LIMITS: dict[str, int] = {"image_mc": 300, "image_short": 150, "video_mc": 150, "video_caption": 60}
+DEFAULT_LIMITS: dict[str, int] = {"image_mc": 300, "image_short": 150, "video_mc": 150, "video_caption": 60,
+                                  "video_dense_caption": 60}
 DEFAULT_VIDEO_DIR = Path("~/.cache/vlmprune/builtin-videos")
 IMAGE_SHORT_MAX_NEW_TOKENS = 3
 CAPTION_MAX_NEW_TOKENS = 24
+#: the longest dense caption is 47 words and its end token
+DENSE_CAPTION_MAX_NEW_TOKENS = 56
 #: Decoders that build their own (M-RoPE) positions from the attention mask; everyone else gets
 #: mask-aware 1-D positions so that a left-padded sample sees the positions it would see alone.
 _OWN_POSITIONS = ("qwen2_vl", "qwen2_5_vl")
@@ -226,6 +233,9 @@ class BatchResult:
     scores: list[float]  # 1/0 for correct/wrong, or a partial score in [0, 1] (token F1)
     predictions: list[str]
     generated_tokens: list[int]  # new tokens per item (0 for scoring by logits)
+    #: secondary metrics per item (e.g. token F1 beside the per-fact score), averaged into the row's
+    #: ``other_metrics`` in percent
+    other: dict[str, list[float]] = field(default_factory=dict)
 
 
 class Task(Protocol):
@@ -444,12 +454,54 @@ class VideoCaption(_BuiltinTask):
         return BatchResult(scores, [" ".join(w) for w in words], counts)
 
 
+@lru_cache(maxsize=4)
+def _dense_clips(n: int, directory: str) -> Sequence[Any]:
+    from . import data
+
+    return _items(n, lambda i: data.dense_clip("test", i, directory), "video")
+
+
+class VideoDenseCaption(_BuiltinTask):
+    """Dense captioning: 2-3 objects per clip, a 33-47 word reference naming each object's size,
+    colour, shape, where it appears, how it moves and the order of events (data.make_dense_video).
+    Scored by the exact per-fact score (share of the clip's facts the caption states correctly,
+    data.fact_score) as the row's accuracy, and by token F1 (``other_metrics``). Long captions are
+    where decoding dominates and a speculative decoder can pay off."""
+
+    name = "video_dense_caption"
+    metric = "fact_score"
+    video = True
+    generates = True
+
+    def load(self, limit: int, data_dir: Path) -> list[Item]:
+        from . import builtin, data
+
+        clips = _dense_clips(limit, str(data_dir))
+
+        def item(i: int) -> Item:
+            v = clips[i]
+            imgs = tuple(data.mosaic(v.frames))
+            return Item(f"{v.uid}/dense", f"{len(v.objects)}_objects", builtin.image_prompt(data.DENSE_PROMPT, len(imgs)),
+                        imgs, v.caption)
+
+        return _items(len(clips), item, "video")
+
+    def evaluate(self, em: EvalModel, items: Sequence[Item], inputs: dict[str, Tensor]) -> BatchResult:
+        from . import data
+
+        words, counts = greedy(em, inputs, DENSE_CAPTION_MAX_NEW_TOKENS)
+        facts = [data.fact_score(w, it.answer.split()) for w, it in zip(words, items)]
+        f1 = [token_f1(w, it.answer.split()) for w, it in zip(words, items)]
+        return BatchResult(facts, [" ".join(w) for w in words], counts, {"token_f1": f1})
+
+
 #: task name -> factory; issue 4 registers lmms-eval task kinds here.
 TASKS: dict[str, Callable[[], Task]] = {
     "image_mc": ImageMC,
     "image_short": ImageShort,
     "video_mc": VideoMC,
     "video_caption": VideoCaption,
+    "video_dense_caption": VideoDenseCaption,
 }
 
 
@@ -496,6 +548,7 @@ class _Cell:
     llm_raw: list[Any] = field(default_factory=list)  # per sample: a length, or one per decoder layer
     decode: list[Any] = field(default_factory=list)  # FLASH: one DecodeRecord per speculative generate
     generated: list[int] = field(default_factory=list)
+    other: dict[str, list[float]] = field(default_factory=lambda: defaultdict(list))
     seconds: float = 0.0
     positions: str | None = None  # what the seam actually used (the model's default unless asked)
     flops: dict[str, float] = field(default_factory=lambda: defaultdict(float))
@@ -568,6 +621,8 @@ def _run_cell(
         cell.scores += result.scores
         cell.qtypes += [it.qtype for it in items]
         cell.predictions += result.predictions
+        for k, v in result.other.items():
+            cell.other[k] += v
         if bar is not None:
             bar.update(len(items))
     return cell
@@ -594,6 +649,7 @@ def _row(task: Task, spec: GridCell, cell: _Cell, em: EvalModel, extra: dict[str
         "per_type": {q: 100.0 * float(np.mean(v)) for q, v in sorted(per_type.items())},
         "per_type_n": {q: len(v) for q, v in sorted(per_type.items())},
         "n": len(cell.scores),
+        **({"other_metrics": {k: 100.0 * float(np.mean(v)) for k, v in cell.other.items()}} if cell.other else {}),
         "visual_tokens": float(np.mean(cell.visual)) if cell.visual else 0.0,
         "llm_tokens": float(np.mean(cell.llm)) if cell.llm else 0.0,
         "generated_tokens": float(np.mean(cell.generated)) if cell.generated else 0.0,
@@ -992,7 +1048,7 @@ def write_json(rows: Sequence[dict[str, Any]], path: str | os.PathLike) -> Path:
 
 
 def _metric_label(metric: str) -> str:
-    return {"accuracy": "accuracy", "token_f1": "token F1"}.get(metric, metric)
+    return {"accuracy": "accuracy", "token_f1": "token F1", "fact_score": "per-fact score"}.get(metric, metric)
 
 
 def _fmt_mem(v: float | None) -> str:
