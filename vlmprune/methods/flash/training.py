@@ -10,7 +10,8 @@ visual spans compressed to its learned latents:
 averaged over the answer positions, with uniform noise ``(U - 0.5) * 0.2 * 512 / L`` on the input
 features. The target, its embeddings and LM head stay frozen; fc, the layer and the latents train.
 
-Data: ``builtin`` (the built-in benchmark's train split: video captioning and image questions) or
+Data: ``builtin`` (the built-in benchmark's train split: video captioning and image questions),
+``builtin-dense`` (its dense video captions, for the captioner: ``--model evals/captioner``) or
 a JSON-lines file with one ``{"image": path | [paths], "prompt": str}`` per line (the prompt holds
 the processor's image placeholders and chat template; the target writes the answer). The
 distilled features are cached in ``--state-dir`` so an interrupted run resumes without regenerating.
@@ -61,6 +62,21 @@ def builtin_prompts(processor: Any, n: int, seed: int, split: str = "train",
             q = sample.questions[int(rng.integers(len(sample.questions)))]
             text = builtin.image_prompt(list(q.words), 1)
         out.append(builtin.encode(processor, [text], [imgs]))
+    return out
+
+
+def dense_prompts(processor: Any, n: int, seed: int, split: str = "train") -> list[dict[str, Tensor]]:
+    """``n`` dense-captioning prompts (two mosaic images per clip), away from the captioner's
+    training clips (indices from 700,000)."""
+    from vlmprune.artifacts import builtin_benchmark
+
+    bench = builtin_benchmark()
+    builtin, data = bench.builtin, bench.data
+    out = []
+    for i in range(n):
+        clip = data.make_dense_video(split, (700_000 + seed * 10_007 + i) % 999_999)
+        imgs = data.mosaic(clip.frames)
+        out.append(builtin.encode(processor, [builtin.image_prompt(data.DENSE_PROMPT, len(imgs))], [imgs]))
     return out
 
 
@@ -197,7 +213,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="vlmprune train-draft", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--model", default="builtin", help="'builtin' or a local checkpoint directory")
-    p.add_argument("--data", default="builtin", help="'builtin' or a JSON-lines file (see the module docstring)")
+    p.add_argument("--data", default="builtin",
+                   help="'builtin', 'builtin-dense' or a JSON-lines file (see the module docstring)")
     p.add_argument("--output", required=True, help="directory for draft.safetensors, its JSON recipe and the resume state")
     p.add_argument("--state-dir", default=None,
                    help="distilled features and resume state (default: <output>-train-state, kept out of the shipped folder)")
@@ -222,7 +239,9 @@ def main(argv: list[str] | None = None) -> int:
 
     args = build_parser().parse_args(argv)
     out = Path(args.output)
-    prepare_run(args, ("samples", "steps", "batch_size", "max_new_tokens", "k"),
+    # the shared checks know 'builtin' and files; 'builtin-dense' is this trainer's own name
+    checked = argparse.Namespace(**{**vars(args), "data": "builtin" if args.data == "builtin-dense" else args.data})
+    prepare_run(checked, ("samples", "steps", "batch_size", "max_new_tokens", "k"),
                 (("--state-dir", args.state_dir or out.parent / f"{out.name}-train-state"),))
     began = time.time()
     model, processor = load_model(args.model, args.device)
@@ -250,6 +269,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"distilling {args.samples} target answers ...", flush=True)
         if args.data == "builtin":
             prompts = builtin_prompts(processor, args.samples, args.seed, video_share=args.video_share)
+        elif args.data == "builtin-dense":
+            prompts = dense_prompts(processor, args.samples, args.seed)
         else:
             prompts = jsonl_prompts(processor, args.data, args.samples)
         samples = distill(model, prompts, args.max_new_tokens)
@@ -277,8 +298,9 @@ def main(argv: list[str] | None = None) -> int:
             "target": {"hidden_size": head.spec.hidden_size, "vocab_size": head.spec.vocab_size,
                        "layers": head.spec.target_layers}}
     path = save_draft(head, out, extra=info)
-    if args.data == "builtin" and args.eval_prompts > 0:
-        held_out = builtin_prompts(processor, args.eval_prompts, args.seed + 1, split="val", video_share=1.0)
+    if args.data in ("builtin", "builtin-dense") and args.eval_prompts > 0:
+        held_out = (builtin_prompts(processor, args.eval_prompts, args.seed + 1, split="val", video_share=1.0)
+                    if args.data == "builtin" else dense_prompts(processor, args.eval_prompts, args.seed + 1, split="val"))
         info["held_out"] = acceptance_report(model, path, held_out, args.depth, args.max_new_tokens)
         save_draft(head, out, extra=info)
     print(json.dumps({"draft": str(path), "minutes": round((time.time() - began) / 60, 2),
