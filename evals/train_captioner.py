@@ -273,8 +273,6 @@ def evaluate(model: Any, processor: Any, split: str = "val", n: int = 100, batch
     for start in range(0, n, batch):
         clips = [data.make_dense_video(split, i) for i in range(start, min(n, start + batch))]
         inputs = builtin.encode(processor, [dense_prompt()] * len(clips), [data.mosaic(c.frames) for c in clips])
-        pos = (inputs["attention_mask"].cumsum(-1) - 1).clamp(min=0)
-        del pos  # generate builds positions from the mask itself
         out = model.generate(**inputs, max_new_tokens=DENSE_MAX_NEW_TOKENS, do_sample=False,
                              pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
         for c, row in zip(clips, out[:, inputs["input_ids"].shape[1]:].tolist()):
