@@ -65,7 +65,8 @@ def test_default_cells_are_the_ones_before_the_contract():
     """The default grid, and each method's own default grid on the built-in model, cell for cell."""
     cells = cells_for([])
     assert cells == [("none", 0.0, "0", [])] + [
-        (m, r, f"{r:g}", [{"method": m, "ratio": r, "positions": None, **({"seed": 0} if m == "random" else {})}])
+        (m, r, f"{r:g}", [{"method": m, "ratio": r, "positions": None, "anyres": None,
+                           **({"seed": 0} if m == "random" else {})}])
         for m in ("fastervlm", "random", "pool") for r in (0.5, 0.75, 0.9, 0.95)
     ]
     dyvte = cells_for(["--method", "dyvte"])
