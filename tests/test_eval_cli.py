@@ -90,7 +90,8 @@ def test_default_cells_are_the_ones_before_the_contract():
     assert flash[1][3] == [{"method": "flash", "draft": artifact("flash-draft"), "depth": 4, "k": None, "tree": None,
                             "branches": 3, "latents": None, "seed": 0}]
     stack = flash[3][3]
-    assert stack[0] == {"method": "fastervlm", "ratio": 0.9, "positions": None} and stack[1] == flash[1][3][0]
+    assert stack[0] == {"method": "fastervlm", "ratio": 0.9, "positions": None, "anyres": None}
+    assert stack[1] == flash[1][3][0]
 
 
 def test_untrained_model_gets_no_shipped_defaults():
