@@ -31,7 +31,11 @@ __all__ = ["CONFIG_KEY", "PluginConfigError", "Settings", "register", "settings_
 #: vLLM architecture -> "module:class" of the plugin's subclass
 SUPPORTED = {
     "LlavaForConditionalGeneration": "vlmprune.vllm.llava:PrunedLlavaForConditionalGeneration",
+    "Qwen2VLForConditionalGeneration": "vlmprune.vllm.qwen2_vl:PrunedQwen2VLForConditionalGeneration",
+    "Qwen2_5_VLForConditionalGeneration": "vlmprune.vllm.qwen2_vl:PrunedQwen2_5_VLForConditionalGeneration",
 }
+#: architectures whose kept tokens keep their M-RoPE grid positions (vLLM's position recomputation)
+MROPE = frozenset({"Qwen2VLForConditionalGeneration", "Qwen2_5_VLForConditionalGeneration"})
 #: the attribute of vLLM's ModelConfig that carries the settings to the processor in every process
 MODEL_CONFIG_ATTR = "vlmprune_settings"
 
@@ -59,6 +63,34 @@ def register() -> None:
 
     create_engine_config._vlmprune = True  # type: ignore[attr-defined]
     EngineArgs.create_engine_config = create_engine_config
+    _patch_cpu_runner()
+
+
+def _patch_cpu_runner() -> None:
+    """vLLM's CPU model runner loads the model without setting ``is_multimodal_pruning_enabled`` (the
+    GPU runner's ``load_model`` sets it), so it never recomputes M-RoPE positions from pruned
+    embeddings. Set it after loading, for this plugin's pruning models only (an engine without the
+    configuration never loads one, and keeps vLLM's stock behaviour)."""
+    try:
+        from vllm.v1.worker.cpu_model_runner import CPUModelRunner
+    except Exception:  # pragma: no cover - not a CPU build
+        return
+    original = CPUModelRunner.load_model
+    if getattr(original, "_vlmprune", False):
+        return
+
+    @functools.wraps(original)
+    def load_model(self: Any, *args: Any, **kwargs: Any) -> Any:
+        out = original(self, *args, **kwargs)
+        model = self.get_model()
+        mm = self.model_config.multimodal_config
+        if (getattr(model, "_vlmprune", None) is not None and getattr(model, "supports_multimodal_pruning", False)
+                and mm is not None and mm.is_multimodal_pruning_enabled()):
+            self.is_multimodal_pruning_enabled = True
+        return out
+
+    load_model._vlmprune = True  # type: ignore[attr-defined]
+    CPUModelRunner.load_model = load_model
 
 
 def _forget_resolved_architectures() -> None:
@@ -87,6 +119,12 @@ def check_model(settings: Settings, model_config: Any) -> None:
             f"vlmprune (vLLM plugin): the architecture {', '.join(archs) or '?'} is not supported; "
             f"supported: {', '.join(SUPPORTED)}"
         )
+    if any(a in MROPE for a in archs):
+        from .qwen2_vl import check_qwen2_vl_config, enable_position_recompute
+
+        check_qwen2_vl_config(settings, model_config.hf_config)
+        enable_position_recompute(model_config)
+        return
     from .llava import check_llava_config
 
     check_llava_config(settings, model_config.hf_config)

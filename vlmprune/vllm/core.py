@@ -88,13 +88,16 @@ class EngineAdapter:
     #: kept placeholders are numbered contiguously (vLLM's 1-D positions; LLaVA's default too)
     default_positions = "contiguous"
 
-    def __init__(self, score_kind: str) -> None:
+    def __init__(self, score_kind: str, default_positions: str = "contiguous") -> None:
         self.score_kind = score_kind
+        self.default_positions = default_positions
 
 
-def build_method(settings: Settings, score_kind: str = "cls") -> PreLLMMethod:
+def build_method(settings: Settings, score_kind: str = "cls", positions: str = "contiguous") -> PreLLMMethod:
     """The configured method, checked to be one the engine can run: a pre-LLM method on the plain
-    pre-LLM seam whose signals the engine provides and whose kept count is fixed in advance."""
+    pre-LLM seam whose signals the engine provides and whose kept count is fixed in advance.
+    ``positions``: how the model numbers kept tokens in vLLM (LLaVA: "contiguous", 1-D positions;
+    Qwen2-VL: "original", the kept tokens' own M-RoPE grid positions), the only value accepted."""
     try:
         config_cls, method_cls = registry.lookup(settings.method)
     except ValueError as exc:
@@ -126,13 +129,14 @@ def build_method(settings: Settings, score_kind: str = "cls") -> PreLLMMethod:
             "the plugin computes 'cls' scores only"
         )
     config = settings.config()
-    positions = getattr(config, "positions", None)
-    if positions not in (None, "contiguous"):
+    asked = getattr(config, "positions", None)
+    if asked not in (None, positions):
+        how = "numbered contiguously" if positions == "contiguous" else "at their original M-RoPE grid positions"
         raise PluginConfigError(
-            f"vlmprune (vLLM plugin): positions={positions!r} is not available in vLLM: the kept "
-            "placeholder tokens are numbered contiguously (positions=None or 'contiguous')"
+            f"vlmprune (vLLM plugin): positions={asked!r} is not available in vLLM for this model: the kept "
+            f"placeholder tokens are {how} (positions=None or {positions!r})"
         )
-    method = method_cls(config, EngineAdapter(score_kind))
+    method = method_cls(config, EngineAdapter(score_kind, positions))
     return method
 
 
@@ -172,14 +176,17 @@ class VisionSignals:
 
 
 def reduce_images(method: PreLLMMethod, embeds: Tensor, grid: tuple[int, int],
-                  scores: Tensor | None = None, signals: VisionSignals | None = None) -> list[Tensor]:
+                  scores: Tensor | None = None, signals: VisionSignals | None = None,
+                  with_keep: bool = False) -> Any:
     """The LLM-input rows each image keeps.
 
     ``embeds`` (B, T, D): the projector outputs of B images, whose last ``h * w`` rows are the grid
     tokens (a leading [CLS] row, with the "full" feature strategy, is always kept, as under
     ``vlmprune.apply``); ``scores`` (B, h * w) when the method asked for them. Each image is one
     :class:`VisualGroup`; the method's ``reduce`` decides, and the seam's ``apply_reductions``
-    builds the rows (selected, averaged or replaced), in the order the HF path feeds them."""
+    builds the rows (selected, averaged or replaced), in the order the HF path feeds them.
+    ``with_keep``: also return each image's (T,) keep mask (the columns whose positions the kept
+    rows carry, as the pre-LLM seam's position bookkeeping uses them)."""
     b, t, _ = embeds.shape
     n = grid[0] * grid[1]
     if t < n:
@@ -205,7 +212,8 @@ def reduce_images(method: PreLLMMethod, embeds: Tensor, grid: tuple[int, int],
                 group.keys = signals.keys[i]
     reductions = [method.reduce(group, group_seed(method)) for group in groups]
     keep, out = apply_reductions(embeds, groups, reductions)
-    return [out[i][keep[i]] for i in range(b)]
+    rows = [out[i][keep[i]] for i in range(b)]
+    return (rows, [keep[i] for i in range(b)]) if with_keep else rows
 
 
 def kept_count(method: PreLLMMethod, grid: tuple[int, int], extra: int = 0, width: int = 8,
