@@ -20,7 +20,7 @@ tasks (built-in, test split; items per task by default: {limits}):
   video_mc       video questions (direction, moving, first, count); 8 frames tiled into 2 images
   video_caption  greedy caption of the clip, scored by token F1 against the reference (shown as
                  the accuracy column, labelled "token F1")
-  video_dense_caption  (not in the default list; for --model evals/captioner) a 33-47 word
+  video_dense_caption  (not in the default list; for --model captioner, the shipped captioner) a 33-47 word
                  caption of a 2-3 object clip, scored by the per-fact score (share of the clip's
                  facts stated correctly; token F1 in the JSON's other_metrics)
 
@@ -200,7 +200,7 @@ def build_parser(prog: str = "vlmprune-eval") -> argparse.ArgumentParser:
                    help=f"comma list of tasks (default: all built-in: {','.join(harness.BUILTIN_TASKS)}); any other "
                    "name is an lmms-eval task (e.g. mmbench, vlmprune_builtin_image_mc), run through lmms-eval's evaluator")
     p.add_argument("--model", default=None,
-                   help="checkpoint directory (default: the shipped built-in model); see below")
+                   help="checkpoint directory, or builtin / captioner for the shipped ones (default: builtin); see below")
     p.add_argument("--method", type=_methods, default=[harness.MethodSpec(m) for m in defaults],
                    help=f"comma list of NAME or NAME:key=v1,v2;key2=v3 (see below); 'none' is the unpatched "
                    f"model (default: {','.join(defaults)})")
@@ -374,7 +374,9 @@ def _main_vllm(args: argparse.Namespace, tasks: list[str], lmms_tasks: list[str]
     if lmms_tasks:
         return _fail(prog, f"--backend vllm runs the built-in tasks ({', '.join(harness.TASKS)}); "
                      f"not {', '.join(lmms_tasks)}")
-    path = Path(args.model) if args.model and args.model != "builtin" else builtin.CHECKPOINT
+    from .provider import named_checkpoints
+
+    path = Path(named_checkpoints().get(args.model or "builtin", args.model))
     if not (path / "config.json").exists():
         return _fail(prog, f"--backend vllm needs a checkpoint directory; {path} has no config.json")
     explicit = any(a == "--method" or a.startswith("--method=") for a in (argv if argv is not None else sys.argv[1:]))

@@ -174,6 +174,10 @@ def load_model(spec: str | None = None, device: str = "cpu", seed: int = 0) -> E
     if spec == "untrained":
         model, processor = builtin.build_untrained(seed=seed)
         return EvalModel(model.to(device), processor, "builtin-untrained")
+    if spec == "builtin":
+        return load_model(None, device, seed)
+    if spec == "captioner":
+        spec = str(Path(builtin.__file__).parent / "captioner")
     path = Path(spec).expanduser()
     if not path.is_dir():
         raise ModelLoadError(

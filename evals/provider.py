@@ -9,11 +9,16 @@ from typing import Any
 from . import builtin, data
 from .training_data import Batch, answer_batches
 
-__all__ = ["builtin", "data", "Batch", "answer_batches", "checkpoint_dir", "load_model"]
+__all__ = ["builtin", "data", "Batch", "answer_batches", "checkpoint_dir", "load_model", "named_checkpoints"]
 
 
 def checkpoint_dir() -> Path:
     return builtin.CHECKPOINT
+
+
+def named_checkpoints() -> dict[str, Path]:
+    """Shipped checkpoints a command line may name instead of a path (``--model captioner``)."""
+    return {"builtin": builtin.CHECKPOINT, "captioner": Path(__file__).parent / "captioner"}
 
 
 def load_model(path: str | Path | None = None, device: str = "cpu") -> tuple[Any, Any]:

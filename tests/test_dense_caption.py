@@ -110,3 +110,20 @@ def test_captioner_and_draft_load_offline_and_flash_is_lossless():
             out = em.model.generate(**inputs, max_new_tokens=harness.DENSE_CAPTION_MAX_NEW_TOKENS, do_sample=False)
         assert torch.equal(out, ref)
         assert h.stats.decode[-1].accepted > 0
+
+
+def test_shipped_checkpoints_by_name():
+    """``--model captioner`` / ``builtin`` name the shipped checkpoints wherever pip put them."""
+    from pathlib import Path
+
+    from vlmprune.artifacts import named_checkpoint
+    from vlmprune.evals import harness
+    from vlmprune.training.data import load_model
+
+    assert Path(named_checkpoint("captioner"), "config.json").exists()
+    assert Path(named_checkpoint("builtin"), "config.json").exists()
+    assert named_checkpoint("some/dir") == "some/dir"
+    em = harness.load_model("captioner")
+    assert em.model.config.text_config.num_hidden_layers == 8 and em.path == Path(named_checkpoint("captioner"))
+    model, _ = load_model("captioner", "cpu")
+    assert model.config.text_config.num_hidden_layers == 8

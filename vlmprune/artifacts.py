@@ -35,3 +35,16 @@ def shipped(*parts: str) -> Path:
     with no parts, the checkpoint directory itself. The path may not exist (callers say what is
     missing and how to make it)."""
     return Path(builtin_benchmark().checkpoint_dir()).joinpath(*parts)
+
+
+def named_checkpoint(spec: str | None) -> str | None:
+    """``spec`` with a shipped checkpoint's name (``builtin``, ``captioner``) replaced by its
+    directory, so an installed package's models can be named without knowing where pip put them;
+    anything else is returned as given."""
+    if spec is None:
+        return None
+    try:
+        names = getattr(builtin_benchmark(), "named_checkpoints", dict)()
+    except RuntimeError:
+        return spec
+    return str(names[spec]) if spec in names else spec

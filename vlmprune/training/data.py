@@ -89,9 +89,12 @@ def load_model(spec: str, device: str) -> tuple[Any, Any]:
         return builtin_benchmark().load_model(device=device)
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
-    path = Path(spec)
+    from vlmprune.artifacts import named_checkpoint
+
+    path = Path(named_checkpoint(spec))
     if not path.is_dir():
-        raise ValueError(f"--model {spec!r}: expected 'builtin' or a local checkpoint directory (nothing is downloaded)")
+        raise ValueError(f"--model {spec!r}: expected 'builtin', 'captioner' or a local checkpoint directory "
+                         "(nothing is downloaded)")
     model = AutoModelForImageTextToText.from_pretrained(path, local_files_only=True).to(device).eval()
     return model, AutoProcessor.from_pretrained(path, local_files_only=True)
 

@@ -303,13 +303,13 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="vlmprune bench-flash", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--draft", default=None, help="draft directory or .safetensors file (default: the shipped one)")
-    p.add_argument("--model", default=None, help="built-in checkpoint directory (default: the shipped one)")
+    p.add_argument("--model", default=None, help="checkpoint directory, or builtin / captioner (default: builtin); its flash-draft/ is the default draft")
     p.add_argument("--prompts", type=int, default=12)
     p.add_argument("--batch-size", type=_sizes, default=[1],
                    help="prompts per generate call (a left-padded batch; both variants get the same batches); "
                         "a comma list runs each in turn (the JSON is then a list)")
     p.add_argument("--task", choices=TASKS, default="video_caption",
-                   help="video_dense_caption: the dense captions (use with --model evals/captioner and its draft)")
+                   help="video_dense_caption: the dense captions (use with --model captioner)")
     p.add_argument("--prefill-method", default=None,
                    help="e.g. 'fastervlm:ratio=0.9': also time that method alone and FLASH with it")
     p.add_argument("--repeats", type=int, default=3)
@@ -328,9 +328,13 @@ def main(argv: list[str] | None = None) -> int:
         raise ValueError("--prompts, --batch-size, --repeats, --depth and --max-new-tokens must be >= 1, --warmup >= 0")
     if args.output:
         writable_file(args.output)
+    from vlmprune.artifacts import named_checkpoint
+
+    args.model = named_checkpoint(args.model)
     if args.model is not None and not Path(args.model).is_dir():
         raise ValueError(f"--model {args.model!r}: no such checkpoint directory")
-    draft = args.draft or default_draft()
+    own = Path(args.model) / "flash-draft" if args.model is not None else None
+    draft = args.draft or (own if own is not None and own.exists() else default_draft())
     if args.draft is not None and not Path(draft).exists():
         raise ValueError(f"--draft {args.draft!r}: no such file or directory; train one with `vlmprune train-draft`")
     torch.set_num_threads(args.threads)

@@ -212,7 +212,7 @@ def acceptance_report(model: Any, draft: str | Path, prompts: list[dict[str, Ten
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="vlmprune train-draft", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--model", default="builtin", help="'builtin' or a local checkpoint directory")
+    p.add_argument("--model", default="builtin", help="'builtin', 'captioner' or a local checkpoint directory")
     p.add_argument("--data", default="builtin",
                    help="'builtin', 'builtin-dense' or a JSON-lines file (see the module docstring)")
     p.add_argument("--output", required=True, help="directory for draft.safetensors, its JSON recipe and the resume state")
