@@ -155,7 +155,7 @@ def engine(checkpoint):
         close()
         llm = LLM(model=model or str(checkpoint), dtype="float32", max_model_len=512, enforce_eager=True,
                   kv_cache_memory_bytes=KV_BYTES, additional_config=additional_config,
-                  limit_mm_per_prompt={"image": 1, "video": 0})
+                  limit_mm_per_prompt={"image": 2, "video": 1})
         held.append(llm)
         return llm
 
@@ -235,3 +235,41 @@ def test_pruned_engine_answers_and_positions_equal_the_hf_path(engine, hf, metho
 def test_start_up_errors(engine, extra, message):
     with pytest.raises(ValueError, match=message):
         engine(extra)
+
+
+def test_two_images_per_prompt_in_one_batch(engine, hf):
+    """Prompts with two images of different sizes (5 x 7 and 4 x 4 merged grids) and single-image
+    prompts, submitted together (one encoder batch, several media per request in vLLM's position
+    recomputation): the same greedy answers as the HF path, each image with its own kept count."""
+    from PIL import Image
+    from vllm import SamplingParams
+
+    model, processor = hf
+    rng = np.random.default_rng(1)
+    small = [np.kron(rng.integers(0, 256, (4, 4, 3)).astype(np.uint8), np.ones((28, 28, 1), dtype=np.uint8))
+             for _ in range(2)]
+    two = "<|vision_start|><|image_pad|><|vision_end|> what is <|vision_start|><|image_pad|><|vision_end|> the image ?"
+    cases = [(two, [big, small[i % 2]]) for i, big in enumerate(pictures(4))] + [(PROMPT, [im]) for im in small]
+    llm = engine({"vlmprune": {"method": "fastervlm", "ratio": 0.5}})
+    outs = llm.generate([{"prompt": p, "multi_modal_data": {"image": [Image.fromarray(im) for im in ims]}}
+                         for p, ims in cases],
+                        SamplingParams(temperature=0, max_tokens=NEW_TOKENS, ignore_eos=True), use_tqdm=False)
+    theirs = []
+    with torch.no_grad(), vlmprune.apply(model, "fastervlm", ratio=0.5):
+        for p, ims in cases:
+            inputs = processor(text=[p], images=ims, return_tensors="pt")
+            gen = model.generate(**inputs, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False)
+            theirs.append(gen[0, inputs["input_ids"].shape[1]:].tolist())
+    assert [o.prompt_token_ids.count(5) for o in outs] == [18 + 8] * 4 + [8] * 2
+    assert [list(o.outputs[0].token_ids) for o in outs] == theirs
+
+
+def test_video_request_is_rejected(engine):
+    """Videos are not pruned in vLLM yet: a clear error for the request, not a wrong answer."""
+    llm = engine({"vlmprune": {"method": "fastervlm", "ratio": 0.5}})
+    frames = np.stack(pictures(2)).astype(np.uint8)
+    video = (frames, {"fps": 2.0, "duration": 1.0, "total_num_frames": 2, "frames_indices": [0, 1],
+                      "video_backend": "opencv", "do_sample_frames": False})
+    with pytest.raises(ValueError, match="videos are not supported"):
+        llm.generate([{"prompt": "<|vision_start|><|video_pad|><|vision_end|> what is in the video ?",
+                       "multi_modal_data": {"video": video}}], use_tqdm=False)
