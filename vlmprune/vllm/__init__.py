@@ -8,10 +8,14 @@ Ask for a method through vLLM's own ``additional_config``::
 Then each image gets ``kept`` placeholder tokens instead of the full grid, and the model's
 multimodal embedding returns exactly the rows the method's own ``reduce`` keeps (on [CLS] scores
 recomputed from vLLM's own vision attention with :func:`vlmprune.scoring.cls_attention_scores`).
+Models: LLaVA-1.5 (:mod:`.llava`), Qwen2-VL and Qwen2.5-VL (:mod:`.qwen2_vl`: no [CLS], the
+adapter's labelled fallback score; kept tokens keep their M-RoPE grid positions through vLLM's own
+position recomputation for pruned multimodal embeddings).
 
 How it is wired: vLLM calls :func:`register` in every process, without the configuration. It
 installs one inert wrapper on ``EngineArgs.create_engine_config``: without a ``"vlmprune"`` entry
-the call goes through untouched and vLLM runs exactly as without the plugin. With one, the
+the call goes through untouched and vLLM runs exactly as without the plugin (it also wraps the CPU
+model runner's ``load_model``, which acts only on this plugin's configured Qwen models). With one, the
 settings are checked (unknown or unsupported method, bad ratio, unsupported model: an error at
 start-up) and the engine's ``model_class_overrides`` (a ModelConfig field every vLLM process
 applies) points the supported architectures at this package's subclasses, whose processor emits
