@@ -65,6 +65,7 @@ def test_settings_parse_dict_json_and_name():
         ("fastervlm", {"ratio": "high"}, "ratio must be a number"),
         ("random", {"ratoi": 0.5}, "unknown option.*ratoi.*valid options"),
         ("fastervlm", {"positions": "original"}, "numbered contiguously"),
+        ("fastervlm", {"anyres": "spatial"}, "AnyRes crops"),
         ("fastv", {}, "inside the decoder layers"),
         ("dymu", {}, "inside the vision tower"),
         ("flash", {}, "decoding loop"),

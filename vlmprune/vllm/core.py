@@ -136,6 +136,11 @@ def build_method(settings: Settings, score_kind: str = "cls", positions: str = "
             f"vlmprune (vLLM plugin): positions={asked!r} is not available in vLLM for this model: the kept "
             f"placeholder tokens are {how} (positions=None or {positions!r})"
         )
+    if getattr(config, "anyres", None) is not None:
+        raise PluginConfigError(
+            f"vlmprune (vLLM plugin): anyres={config.anyres!r} is an option for LLaVA-NeXT's AnyRes crops; "
+            "the models the plugin serves have none (leave anyres unset)"
+        )
     method = method_cls(config, EngineAdapter(score_kind, positions))
     return method
 
