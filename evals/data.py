@@ -519,6 +519,23 @@ def video_question_candidates(objects: tuple[Obj, ...], motions: tuple[str, ...]
     return q
 
 
+def _render_clip(rng: np.random.Generator, objs: tuple[Obj, ...], motions: tuple[str, ...],
+                 speeds: tuple[int, ...], appear: tuple[int, ...]) -> np.ndarray:
+    """The clip's frames (background, objects along their tracks, noise), drawing from ``rng`` in
+    one fixed order so every task built on it stays deterministic."""
+    bg = _background(rng, FRAME_SIZE, specks=(1, 4))
+    rgbs = [_object_rgb(rng, o.color) for o in objs]
+    pos = _track(objs, motions, speeds, appear, NUM_FRAMES)
+    noise = _noise(rng, (NUM_FRAMES, FRAME_SIZE, FRAME_SIZE, 3), float(rng.uniform(1.5, 3.0)))
+    frames = np.empty((NUM_FRAMES, FRAME_SIZE, FRAME_SIZE, 3), np.float32)
+    for t in range(NUM_FRAMES):
+        frames[t] = bg
+        for i, o in enumerate(objs):
+            if t >= appear[i]:
+                _paint(frames[t], o, int(pos[t, i, 0]), int(pos[t, i, 1]), FRAME_SIZE_PX[o.size], rgbs[i])
+    return _finish(frames, noise)
+
+
 def make_video(split: str, index: int) -> VideoSample:
     """Clip ``index`` of ``split`` (frames in memory; see :func:`video_split` for the mp4 path).
 
@@ -572,17 +589,7 @@ def make_video(split: str, index: int) -> VideoSample:
         motions, speeds = motions[::-1], speeds[::-1]
     objs = tuple(objects)
 
-    bg = _background(rng, FRAME_SIZE, specks=(1, 4))
-    rgbs = [_object_rgb(rng, o.color) for o in objs]
-    pos = _track(objs, motions, speeds, appear, NUM_FRAMES)
-    noise = _noise(rng, (NUM_FRAMES, FRAME_SIZE, FRAME_SIZE, 3), float(rng.uniform(1.5, 3.0)))
-    frames = np.empty((NUM_FRAMES, FRAME_SIZE, FRAME_SIZE, 3), np.float32)
-    for t in range(NUM_FRAMES):
-        frames[t] = bg
-        for i, o in enumerate(objs):
-            if t >= appear[i]:
-                _paint(frames[t], o, int(pos[t, i, 0]), int(pos[t, i, 1]), FRAME_SIZE_PX[o.size], rgbs[i])
-    frames = _finish(frames, noise)
+    frames = _render_clip(rng, objs, motions, speeds, appear)
 
     cands = video_question_candidates(objs, motions, appear)
     chosen = [cands[t][int(rng.integers(len(cands[t])))] for t in VIDEO_QTYPES if cands[t]]
@@ -746,17 +753,7 @@ def make_dense_video(split: str, index: int) -> DenseVideoSample:
     speeds = tuple(speeds[i] for i in order)
     appear = tuple(appear[i] for i in order)
 
-    bg = _background(rng, FRAME_SIZE, specks=(1, 4))
-    rgbs = [_object_rgb(rng, o.color) for o in objs]
-    pos = _track(objs, motions, speeds, appear, NUM_FRAMES)
-    noise = _noise(rng, (NUM_FRAMES, FRAME_SIZE, FRAME_SIZE, 3), float(rng.uniform(1.5, 3.0)))
-    frames = np.empty((NUM_FRAMES, FRAME_SIZE, FRAME_SIZE, 3), np.float32)
-    for t in range(NUM_FRAMES):
-        frames[t] = bg
-        for i, o in enumerate(objs):
-            if t >= appear[i]:
-                _paint(frames[t], o, int(pos[t, i, 0]), int(pos[t, i, 1]), FRAME_SIZE_PX[o.size], rgbs[i])
-    frames = _finish(frames, noise)
+    frames = _render_clip(rng, objs, motions, speeds, appear)
     caption = " ".join(dense_caption_words(objs, motions, appear))
     return DenseVideoSample(f"dense-{split}-{index}", frames, objs, motions, appear, speeds, caption)
 
