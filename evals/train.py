@@ -386,6 +386,21 @@ def _embed(model: Any, input_ids: Tensor, image_features: Tensor) -> Tensor:
     return embeds.masked_scatter(slots, projected.to(embeds.dtype))
 
 
+def answer_step(model: Any, b: dict[str, Tensor], bf16: bool) -> tuple[Tensor, float]:
+    """One LM step on a batch of cached features: the loss on the labelled tokens and the accuracy of
+    the next-token argmax there (the progress bar's signal that the answers are being learned)."""
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        embeds = _embed(model, b["input_ids"], b["image_features"])
+        out = model(inputs_embeds=embeds, attention_mask=b["attention_mask"], position_ids=b["position_ids"],
+                    labels=b["labels"])
+    with torch.no_grad():
+        pred = out.logits[:, :-1].argmax(-1)
+        gold = b["labels"][:, 1:]
+        sel = gold != -100
+        acc = (pred[sel] == gold[sel]).float().mean()
+    return out.loss.float(), float(acc)
+
+
 def train_language(model: Any, processor: Any, args: argparse.Namespace, resume_dir: Path | None) -> dict[str, Any]:
     tok = processor.tokenizer
     tower = model.model.vision_tower
@@ -398,16 +413,8 @@ def train_language(model: Any, processor: Any, args: argparse.Namespace, resume_
     def step_fn(step: int) -> tuple[Tensor, dict[str, float]]:
         b = lm_batch(step, cache, args.lm_batch, args.video_share, args.turns, tok, model.config.image_token_id,
                      plan=stage2_plan(step, args))
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16 and b["input_ids"].device.type == "cpu"):
-            embeds = _embed(model, b["input_ids"], b["image_features"])
-            out = model(inputs_embeds=embeds, attention_mask=b["attention_mask"], position_ids=b["position_ids"],
-                        labels=b["labels"])
-        with torch.no_grad():
-            pred = out.logits[:, :-1].argmax(-1)
-            gold = b["labels"][:, 1:]
-            sel = gold != -100
-            acc = (pred[sel] == gold[sel]).float().mean()
-        return out.loss.float(), {"answer_token_acc": float(acc)}
+        loss, acc = answer_step(model, b, args.bf16 and b["input_ids"].device.type == "cpu")
+        return loss, {"answer_token_acc": acc}
 
     model.model.multi_modal_projector.train()
     model.model.language_model.train()

@@ -46,7 +46,7 @@ from vlmprune.files import writable_dir
 from vlmprune.training import LoopConfig, train_loop
 
 from . import builtin, data
-from .train import _embed, to_pixels
+from .train import answer_step, to_pixels
 
 CAPTIONER = Path(__file__).parent / "captioner"
 #: the captioner's LM: 8 layers, 256 wide, heads of 32 like the built-in LM (6.8 M LM parameters,
@@ -239,16 +239,8 @@ def train(model: Any, processor: Any, args: argparse.Namespace, resume_dir: Path
         else:
             keep = args.late_background
         b = caption_batch(step, cache, args.batch, tok, model.config.image_token_id, keep)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16):
-            embeds = _embed(model, b["input_ids"], b["image_features"])
-            out = model(inputs_embeds=embeds, attention_mask=b["attention_mask"], position_ids=b["position_ids"],
-                        labels=b["labels"])
-        with torch.no_grad():
-            pred = out.logits[:, :-1].argmax(-1)
-            gold = b["labels"][:, 1:]
-            sel = gold != -100
-            acc = (pred[sel] == gold[sel]).float().mean()
-        return out.loss.float(), {"token_acc": float(acc)}
+        loss, acc = answer_step(model, b, args.bf16)
+        return loss, {"token_acc": acc}
 
     model.model.multi_modal_projector.train()
     model.model.language_model.train()
