@@ -199,15 +199,34 @@ def _refuse_compiled(model: nn.Module) -> None:
         torch._dynamo.reset_code(code)
 
 
+def _unwrap_peft(model: nn.Module) -> nn.Module:
+    """A peft model (LoRA and the like, unmerged) runs its base model's forward and generate, whose
+    layers already apply the adapters; patching that base instance covers every call through the
+    wrapper. Duck-typed, so peft is imported only by whoever built the wrapper."""
+    if type(model).__module__.split(".")[0] != "peft" or not callable(getattr(model, "get_base_model", None)):
+        return model
+    config = getattr(model, "active_peft_config", None)
+    if getattr(config, "is_prompt_learning", False):
+        raise TypeError(
+            f"vlmprune.apply: this peft model uses {type(config).__name__}, which prepends virtual tokens "
+            "to the sequence outside the model; the visual token columns would not be where the model's "
+            "own forward puts them. Weight adapters (LoRA, IA3, ...) are supported."
+        )
+    return model.get_base_model()
+
+
 def apply(model: nn.Module, method: Any = "fastervlm", **options: Any) -> Handle:
     """Patch ``model`` in place with one method (or a list, composed in stage order).
 
     ``method`` is a registered name (see :func:`available_methods`) with its options as keyword
     arguments, a config object such as ``FasterVLMConfig(ratio=0.9)``, or a list of either.
-    Only this instance changes; ``handle.remove()`` or leaving a ``with`` block restores it.
+    Only this instance changes; ``handle.remove()`` or leaving a ``with`` block restores it. A peft
+    wrapper (e.g. an unmerged LoRA fine-tune) is patched through its base model.
     """
     from vlmprune.adapters import for_model
 
+    _refuse_compiled(model)
+    model = _unwrap_peft(model)
     _refuse_compiled(model)
     configs = sorted(_as_configs(method, options), key=lambda c: int(c.stage))
     adapter = for_model(model)
