@@ -566,8 +566,14 @@ def _llm_flops(model: Any, llm_tokens: int | tuple[int, ...], generated: int) ->
     return cache[key]
 
 
-def _account(cell: _Cell, em: EvalModel, inputs: dict[str, Tensor], records: list[Any], result: BatchResult) -> None:
-    """Token counts and FLOPs of one batch, from what the method recorded (or the inputs, unpatched)."""
+def _account(cell: _Cell, em: EvalModel, inputs: dict[str, Tensor], records: list[Any], result: BatchResult,
+             decode: Sequence[Any] = ()) -> None:
+    """Token counts and FLOPs of one batch, from what the method recorded (or the inputs, unpatched).
+
+    ``decode``: the batch's speculative-decoding records. Where they counted the target's decode
+    forwards (every verified position, rejected ones included), that replaces the estimate of plain
+    decoding, and the draft's work is added as overhead, so such rows are compared at the work
+    they really did."""
     if records:
         rec = records[-1]
         cell.positions = rec.positions
@@ -589,10 +595,15 @@ def _account(cell: _Cell, em: EvalModel, inputs: dict[str, Tensor], records: lis
     cell.flops["vision"] += enc
     cell.flops["projector"] += proj
     cell.flops["overhead"] += overhead
+    counted = [r for r in decode if getattr(r, "target_decode_flops", 0.0) > 0]
     for n, g in zip(llm, result.generated_tokens):
         rep = _llm_flops(em.model, n if isinstance(n, tuple) else int(n), int(g))
         cell.flops["llm_prefill"] += rep.llm_prefill
-        cell.flops["decode"] += rep.decode
+        if not counted:
+            cell.flops["decode"] += rep.decode
+    for r in counted:
+        cell.flops["decode"] += r.target_decode_flops
+        cell.flops["overhead"] += r.draft_flops
     cell.visual += [int(v) for v in visual]
     cell.visual_in += [int(v) for v in visual_in]
     cell.llm += [float(np.mean(n)) if isinstance(n, tuple) else int(n) for n in llm]
@@ -619,9 +630,9 @@ def _run_cell(
         _sync(device)
         cell.seconds += time.perf_counter() - start
         records = list(handle.stats.records) if handle is not None else []
-        if handle is not None:
-            cell.decode += list(getattr(handle.stats, "decode", []))
-        _account(cell, em, inputs, records, result)
+        decode = list(getattr(handle.stats, "decode", [])) if handle is not None else []
+        cell.decode += decode
+        _account(cell, em, inputs, records, result, decode)
         cell.scores += result.scores
         cell.qtypes += [it.qtype for it in items]
         cell.predictions += result.predictions

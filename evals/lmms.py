@@ -198,15 +198,24 @@ class VlmpruneLMM(_lmms_base()):
 
         cell = harness._Cell()
         records = list(self.handle.stats.records) if self.handle is not None else []
+        decode = list(getattr(self.handle.stats, "decode", [])) if self.handle is not None else []
+        if self.handle is not None:
+            self.handle.stats.reset()  # the next batch's records are its own (overhead is summed over them)
         result = harness.BatchResult([0.0] * len(requests), [""] * len(requests), generated)
-        harness._account(cell, self.em, inputs, records, result)
+        harness._account(cell, self.em, inputs, records, result, decode)
         n = len(requests)
-        vision = (cell.flops["vision"] + cell.flops["projector"] + cell.flops["overhead"]) / n
+        counted = [r for r in decode if r.target_decode_flops > 0]  # speculative decoding: its real work
+        draft = sum(r.draft_flops for r in counted)
+        vision = (cell.flops["vision"] + cell.flops["projector"] + cell.flops["overhead"] - draft) / n
+        share = [g / max(sum(generated), 1) for g in generated]
         lines = []
         keys = keys or [(req.args[4], req.args[3]) for req in requests]
         for i, req in enumerate(requests):
             llm = harness._llm_flops(self.em.model, cell.llm_raw[i], int(generated[i]))
-            total = vision + llm.llm_prefill + llm.decode
+            if counted:
+                total = vision + llm.llm_prefill + share[i] * (cell.flops["decode"] + draft)
+            else:
+                total = vision + llm.llm_prefill + llm.decode
             lines.append(json.dumps({
                 "task": keys[i][0], "doc_id": keys[i][1], "request_type": req.request_type, "method": self.method,
                 "rank": self._rank,

@@ -179,6 +179,30 @@ def test_oracle_draft_accepts_everything():
     assert rec.mean_accepted == depth and rec.tokens_per_round == depth + 1
 
 
+@pytest.mark.parametrize("k,depth,latents", [(1, 3, 4), (2, 5, 4), (1, 4, 0)])
+def test_decode_flops_match_a_flop_counter(k, depth, latents):
+    """The record's target decode FLOPs (every verified position, rejected ones included) plus the
+    draft's own FLOPs equal what torch's FlopCounterMode counts for the whole generate minus its
+    prefill (eager target and math SDPA, so that attention is counted too)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    torch.manual_seed(0)
+    model = tiny_llava(attn="eager")
+    model.generation_config.eos_token_id = None
+    inp = llava_prompt(model)
+    head = untrained_head(model, k=k, latents=latents)
+    with sdpa_kernel(SDPBackend.MATH), vlmprune.apply(model, "flash", draft=head, depth=depth) as h:
+        with FlopCounterMode(display=False) as prefill:
+            model(**inp, logits_to_keep=1)
+        with FlopCounterMode(display=False) as whole:
+            model.generate(**inp, max_new_tokens=16, do_sample=False)
+        rec = h.stats.decode[-1]
+    measured = whole.get_total_flops() - prefill.get_total_flops()
+    assert rec.rounds > 1 and rec.draft_flops > 0
+    assert rec.target_decode_flops + rec.draft_flops == pytest.approx(measured, rel=0.03)
+
+
 def test_adversarial_draft_one_token_per_round():
     model = _llava()
     inp = llava_prompt(model)

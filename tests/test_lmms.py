@@ -94,6 +94,22 @@ def test_loglikelihood_batch_parity_and_argmin_is_the_answer(em, method, options
     assert {r["visual_tokens"] for r in lines} == ({256} if method == "none" else {26})
 
 
+def test_stats_file_flops_are_per_batch(em, tmp_path):
+    """The same requests logged twice give the same per-request FLOPs: a batch's method overhead is
+    its own (the handle's records are not summed over every earlier batch)."""
+    import vlmprune
+
+    with vlmprune.apply(em.model, "vispruner", ratio=0.9) as handle:
+        lm = lmms.VlmpruneLMM.wrap(em, "vispruner", handle, stats_file=str(tmp_path / "s.jsonl"), batch_size=3)
+        requests = mc_requests(lm, 2)
+        lm.loglikelihood(requests)
+        lm.loglikelihood(requests)
+    lines = [json.loads(x) for x in (tmp_path / "s.jsonl").read_text().splitlines()]
+    half = len(lines) // 2
+    assert half == len(requests)
+    assert [r["tflops"] for r in lines[:half]] == pytest.approx([r["tflops"] for r in lines[half:]], rel=1e-9)
+
+
 class _null:
     def __enter__(self):
         return None

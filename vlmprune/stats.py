@@ -61,6 +61,11 @@ class DecodeRecord:
     total_s: float = 0.0
     draft_forwards: int = 0
     target_forwards: int = 0
+    #: FLOPs of the target's decode forwards after the prefill: every verified position, rejected
+    #: ones included, at the cache length it attended over (vlmprune.flops' convention)
+    target_decode_flops: float = 0.0
+    #: FLOPs of the draft (its forwards, LM-head rows and prompt compression), as its drafter counted
+    draft_flops: float = 0.0
     depth: int = 0
     k: int = 1
     tree: str | None = None

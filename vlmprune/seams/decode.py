@@ -262,6 +262,10 @@ class RowDrafters:
     def forwards(self) -> int:
         return sum(int(getattr(d, "forwards", 0)) for d in self.rows)
 
+    @property
+    def flops(self) -> float:
+        return sum(float(getattr(d, "flops", 0.0)) for d in self.rows)
+
     def reset_batch(self, prompts: list[PromptView], first_tokens: list[int]) -> None:
         self.rows = [self.template if i == 0 else copy.copy(self.template) for i in range(len(prompts))]
         for drafter, prompt, first in zip(self.rows, prompts, first_tokens):
@@ -284,6 +288,18 @@ class RowDrafters:
 
     def select_rows(self, rows: Tensor) -> None:
         self.rows = [self.rows[i] for i in rows.tolist()]
+
+
+def verify_flops(model: nn.Module, tokens: int, past: int) -> float:
+    """FLOPs of one row's verification forward: ``tokens`` positions (the last emitted token and the
+    drafts) after ``past`` cache columns, logits at every position (vlmprune.flops' convention; 0.0
+    for a family it cannot count)."""
+    from ..flops import llm_flops
+
+    try:
+        return llm_flops(model.config, int(tokens), past=int(past), logits_positions=int(tokens))
+    except ValueError:
+        return 0.0
 
 
 def as_batch_drafter(drafter: Any) -> Any:
@@ -425,6 +441,7 @@ def speculative_generate(
             _sync(device)
             t1 = time.perf_counter()
             cand = torch.cat([input_ids.new_tensor([emitted[-1]]), drafted]).unsqueeze(0)
+            record.target_decode_flops += verify_flops(model, cand.shape[1], cache_length(cache))
             if d > 0 and tree == "static":
                 table, depths, anc = static_tree(toks.shape[0], d)
                 out = model(input_ids=cand, **{cache_kwarg(model): cache}, use_cache=True,
@@ -483,6 +500,7 @@ def speculative_generate(
         _CAPTURE.reset(token)
     record.new_tokens = len(emitted)
     record.draft_forwards = int(getattr(drafter, "forwards", 0))
+    record.draft_flops = float(getattr(drafter, "flops", 0.0))
     _sync(device)
     record.total_s = time.perf_counter() - began
     out_ids = torch.cat([input_ids, torch.tensor([emitted], dtype=input_ids.dtype, device=device)], dim=1)
@@ -766,6 +784,7 @@ def speculative_decode(
             inputs = model.prepare_inputs_for_generation(cand, next_sequence_length=n, **{cache_kwarg(model): cache},
                                                          attention_mask=mask, use_cache=True, **kwargs)
             inputs.pop("logits_to_keep", None)
+            record.target_decode_flops += n_rows * verify_flops(model, n, cache_length(cache))
             out = model(**inputs, return_dict=True)
             feats = sink[-1]
             sink.clear()
@@ -866,6 +885,7 @@ def speculative_decode(
     total = int(generated.max())
     record.new_tokens = int(generated.sum())
     record.draft_forwards = int(getattr(drafter, "forwards", 0))
+    record.draft_flops = float(getattr(drafter, "flops", 0.0))
     _sync(device)
     record.total_s = time.perf_counter() - began
     return history[:, : prompt_len + total]

@@ -30,10 +30,31 @@ class HeadDrafter:
         self.stable = 0
         self.pending: Tensor | None = None
         self.forwards = 0
+        self.flops = 0.0  # the draft's work since the last reset (DecodeRecord.draft_flops)
 
-    def reset(self, prompt: PromptView, first_token: int) -> None:
+    def _run(self, x: Tensor, **kwargs) -> Tensor:
+        """The head on ``x`` (B, m, H), counting its FLOPs: each position attends over the draft
+        cache and the new positions."""
+        past = self.cache.length
+        self.flops += x.shape[0] * x.shape[1] * self.head.flops_per_token(past + x.shape[1])
+        return self.head(x, **kwargs)
+
+    def _logits(self, feats: Tensor) -> Tensor:
+        self.flops += 2.0 * feats[..., 0].numel() * self.lm_head.weight.numel()
+        return self.lm_head(feats.to(self.lm_head.weight.dtype))
+
+    def _context(self, prompt: PromptView, first_token: int) -> Tensor:
+        """The prompt's draft input (fused text pairs, each visual span compressed to Q latents)."""
         nxt = torch.cat([prompt.ids[1:], prompt.ids.new_tensor([first_token])])
         seq, _ = draft_context(self.head, self.embed(nxt.to(self.embed.weight.device)), prompt.hidden, prompt.visual)
+        hidden = prompt.hidden.shape[-1]
+        visual = int(prompt.visual.sum()) if prompt.visual is not None and self.head.spec.num_latents else 0
+        self.flops += 4.0 * self.head.spec.num_latents * visual * hidden  # A h_v^T and the weighted sum
+        return seq
+
+    def reset(self, prompt: PromptView, first_token: int) -> None:
+        self.flops = 0.0
+        seq = self._context(prompt, first_token)
         self.cache = DraftCache()
         self.stable = 0
         self.pending = seq
@@ -46,7 +67,7 @@ class HeadDrafter:
         self.pending = fused if self.pending is None else torch.cat([self.pending, fused], dim=0)
 
     def _tokens(self, feats: Tensor, sampling: Sampling | None, gen: torch.Generator | None) -> tuple[Tensor, Tensor | None]:
-        logits = self.lm_head(feats.to(self.lm_head.weight.dtype))
+        logits = self._logits(feats)
         if sampling is None:
             return logits.argmax(-1), None
         q = sampling.probs(logits)
@@ -58,11 +79,8 @@ class HeadDrafter:
     # its round gets padded (masked) entries, and ``pos`` keeps each row's own next position.
 
     def reset_batch(self, prompts: list[PromptView], first_tokens: list[int]) -> None:
-        seqs = []
-        for prompt, first in zip(prompts, first_tokens):
-            nxt = torch.cat([prompt.ids[1:], prompt.ids.new_tensor([first])])
-            seq, _ = draft_context(self.head, self.embed(nxt.to(self.embed.weight.device)), prompt.hidden, prompt.visual)
-            seqs.append(seq)
+        self.flops = 0.0
+        seqs = [self._context(prompt, first) for prompt, first in zip(prompts, first_tokens)]
         self.cache = DraftCache()
         self.stable = 0
         self.pos = torch.zeros(len(seqs), dtype=torch.long, device=seqs[0].device)
@@ -99,7 +117,7 @@ class HeadDrafter:
         x = torch.nn.utils.rnn.pad_sequence(pending, batch_first=True)  # (B, width, H)
         steps = torch.arange(width, device=self.pos.device)
         valid = steps.unsqueeze(0) < lengths.unsqueeze(1)
-        out = self.head(x, positions=self.pos.unsqueeze(1) + steps, cache=self.cache, valid=valid)  # (B, width, k, H)
+        out = self._run(x, positions=self.pos.unsqueeze(1) + steps, cache=self.cache, valid=valid)  # (B, width, k, H)
         self.forwards += 1
         self.stable = self.cache.length
         self.pos = self.pos + lengths
@@ -117,7 +135,7 @@ class HeadDrafter:
                 break
             nxt = self.head.fuse(self.embed(tok), feats)  # pairs (f̂_{t+i}, x_{t+1+i}) of every row
             at = self.pos.unsqueeze(1) + (ahead - tok.shape[1]) + torch.arange(tok.shape[1], device=self.pos.device)
-            feats = self.head(nxt, positions=at, cache=self.cache)[:, -1, : self.k]
+            feats = self._run(nxt, positions=at, cache=self.cache)[:, -1, : self.k]
             self.forwards += 1
         drafted = torch.cat(tokens, dim=1)[:, :depth]
         return drafted, (torch.cat(probs, dim=1)[:, :depth] if probs else None)
@@ -129,7 +147,7 @@ class HeadDrafter:
         x = self.pending
         if x is None or x.shape[0] == 0:
             raise RuntimeError("flash: the drafter has no new context (extend() was not called)")
-        out = self.head(x.unsqueeze(0), cache=self.cache)[0]  # (m, k, H)
+        out = self._run(x.unsqueeze(0), cache=self.cache)[0]  # (m, k, H)
         self.forwards += 1
         self.stable += x.shape[0]
         self.pending = None
@@ -143,7 +161,7 @@ class HeadDrafter:
             if sum(t.shape[0] for t in tokens) >= depth:
                 break
             nxt = self.head.fuse(self.embed(tok), feats)  # pairs (f̂_{t+i}, x_{t+1+i})
-            feats = self.head(nxt.unsqueeze(0), cache=self.cache)[0, -1, : self.k]
+            feats = self._run(nxt.unsqueeze(0), cache=self.cache)[0, -1, : self.k]
             self.forwards += 1
         drafted = torch.cat(tokens)[:depth]
         return drafted, (torch.cat(probs)[:depth] if probs else None)
@@ -159,12 +177,12 @@ class HeadDrafter:
         x = self.pending
         if x is None or x.shape[0] == 0:
             raise RuntimeError("flash: the drafter has no new context (extend() was not called)")
-        out = self.head(x.unsqueeze(0), cache=self.cache)[0]
+        out = self._run(x.unsqueeze(0), cache=self.cache)[0]
         self.forwards += 1
         self.stable += x.shape[0]
         self.pending = None
         feats = out[-1, : self.k]  # (k, H)
-        logits = self.lm_head(feats.to(self.lm_head.weight.dtype))
+        logits = self._logits(feats)
         w = min(branches, logits.shape[-1])
         if sampling is None:
             first = torch.topk(logits[0], w).indices
@@ -182,9 +200,9 @@ class HeadDrafter:
             self.cache.expand_rows(w)
         while tokens.shape[1] < depth:
             nxt = self.head.fuse(self.embed(last_tokens), last_feats)
-            f = self.head(nxt, cache=self.cache)[:, -1, : self.k]  # (w, k, H)
+            f = self._run(nxt, cache=self.cache)[:, -1, : self.k]  # (w, k, H)
             self.forwards += 1
-            lg = self.lm_head(f.to(self.lm_head.weight.dtype))
+            lg = self._logits(f)
             if sampling is None:
                 tok = lg.argmax(-1)
             else:
