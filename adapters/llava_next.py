@@ -548,6 +548,7 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
                         grid=grid,
                         scores=s,
                         kind="frame",
+                        video=v,
                     )
                 )
         return groups

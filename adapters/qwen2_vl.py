@@ -240,17 +240,18 @@ class Qwen2VLAdapter(Adapter):
         for call, (kind, grid_thw) in enumerate(entries):
             token = self.config.image_token_id if kind == "image" else self.config.video_token_id
             mask = self._token_mask(ctx.inputs, visual, token) & visual
-            sizes, grids = [], []
-            for t, h, w in grid_thw.tolist():
+            sizes, grids, owners = [], [], []
+            for row, (t, h, w) in enumerate(grid_thw.tolist()):
                 per_frame = (h // m) * (w // m)
                 sizes.extend([per_frame] * t)
                 grids.extend([(h // m, w // m)] * t)
+                owners.extend([row if kind == "video" else None] * t)
             chunks = self.split_columns(mask, sizes)
             frame_scores = (
                 torch.split(merged_scores[call], sizes) if merged_scores is not None else [None] * len(sizes)
             )
-            for (sample, cols), grid, s in zip(chunks, grids, frame_scores):
-                groups.append(VisualGroup(sample=sample, columns=cols, grid=grid, scores=s, kind=kind))
+            for (sample, cols), grid, s, owner in zip(chunks, grids, frame_scores, owners):
+                groups.append(VisualGroup(sample=sample, columns=cols, grid=grid, scores=s, kind=kind, video=owner))
         groups.sort(key=lambda g: (g.sample, int(g.columns[0]) if g.columns.numel() else -1))
         return groups
 
@@ -446,7 +447,7 @@ class Qwen2VLAdapter(Adapter):
             where[row[row >= 0]] = torch.nonzero(row >= 0).squeeze(1)
             new_cols = where[anchors.to(row.device)]
             old = original[:, min(sample, original.shape[1] - 1)]
-            start = int(old[1:, anchors[0]].min())
+            start = int(pos[1:, sample, new_cols[0]].min())  # shifted by earlier videos of the sample
             step = int(old[0, frame_starts[1]] - old[0, frame_starts[0]]) if frame_starts.numel() > 1 else 1
             ids, current = [], start
             for f, h, w in video.blocks:

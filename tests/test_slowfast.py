@@ -130,6 +130,44 @@ def prefill_and_step(model, inp):
     return out.logits, step.logits, cache
 
 
+@pytest.mark.parametrize("builder", ["qwen2_vl", "qwen2_5_vl"])
+def test_two_videos_in_one_sample_are_pooled_each_on_its_own(builder):
+    """Two videos of one prompt: each is pooled over its own frames (never across the boundary), its
+    pooled tokens stay where it was, and the second video and the text after it are numbered after
+    the first one's pooled grid, as the model numbers two videos of those grids."""
+    from test_qwen2_vl import BUILDERS, make_batch
+
+    model = BUILDERS[builder](seed=0)
+    inp = make_batch(model, [dict(videos=[(4, 8, 8), (2, 8, 8)], before=3, after=4)], seed=2)
+    seen, hook = _recorder(model)
+    model(**inp)  # stock: video 1 in columns 4 .. 4 + 64, video 2 in 70 .. 70 + 32
+    hook.remove()
+    stock = seen[0]["inputs_embeds"][0]
+    first = vp.fast_pathway(stock[4:68].view(4, 4, 4, -1), 1, 2, 2).flatten(0, 2)  # 8 tokens
+    second = vp.fast_pathway(stock[70:102].view(2, 4, 4, -1), 1, 2, 2).flatten(0, 2)  # 4 tokens
+    with vlmprune.apply(model, "slowfast", mode="fast", t=2, p=2) as h:
+        seen, hook = _recorder(model)
+        try:
+            model(**inp)
+        finally:
+            hook.remove()
+        rec = h.stats.records[0]
+    assert rec.fast_tokens == [8 + 4] and rec.slow_tokens == [64 + 32]
+    embeds, pos = seen[0]["inputs_embeds"][0], seen[0]["position_ids"][:, 0]
+    assert embeds.shape[0] == 3 + 1 + 8 + 2 + 4 + 1 + 4
+    assert torch.allclose(embeds[4:12], first, atol=1e-6) and torch.allclose(embeds[14:18], second, atol=1e-6)
+    step = 2 if builder == "qwen2_5_vl" else 1
+
+    def grid(t, start):
+        tt, hh, ww = torch.meshgrid(torch.arange(t) * step, torch.arange(2), torch.arange(2), indexing="ij")
+        return torch.stack([tt.flatten(), hh.flatten(), ww.flatten()]) + start
+
+    assert torch.equal(pos[:, 4:12], grid(2, 4))
+    assert torch.equal(pos[:, 12:14], torch.tensor([6, 7]).expand(3, 2))  # vision_end, vision_start
+    assert torch.equal(pos[:, 14:18], grid(1, 8))
+    assert torch.equal(pos[:, 18:], (torch.arange(5) + 10).expand(3, 5))
+
+
 @pytest.mark.parametrize("impl", ["vanilla", "text-only-vanilla", "text-only-vanilla-masksystem"])
 @pytest.mark.parametrize("during_decode", [False, True])
 def test_zero_warm_up_gate_equals_fast_only_bit_exactly(model, impl, during_decode):

@@ -70,6 +70,9 @@ class VisualGroup:
     grid: tuple[int, int]  # (h, w) with h * w == n
     scores: Tensor | None = None  # (n,) importance, when the method asked for it
     kind: str = "image"
+    #: for a video frame: which video of the call it belongs to (frames of one video share it), so a
+    #: method that works per video never mixes two videos of one sample; None for images
+    video: int | None = None
     # -- signals a method asks for in ``PreLLMMethod.needs`` (None otherwise) --------------------
     #: (n, D) the LLM-input embeddings of the grid tokens (projector outputs); rows of members the
     #: stock model does not feed to the LLM (column -1) are zeros ("features")

@@ -58,9 +58,10 @@ def mosaic_frames(columns: Tensor, grid: tuple[int, int], m: int) -> list[Tensor
 
 
 def find_videos(groups: list[Any], mosaic: int, min_images: int) -> list[Video]:
-    """Videos of a call from the adapter's groups: frame groups (``kind`` "frame" / "video"), or,
-    with ``mosaic``, the images of samples holding at least ``min_images`` of them."""
-    per_sample: dict[int, list[tuple[Tensor, tuple[int, int]]]] = {}
+    """Videos of a call from the adapter's groups: frame groups (``kind`` "frame" / "video"), one
+    video per ``VisualGroup.video`` (a sample may hold several, each pooled on its own), or, with
+    ``mosaic``, the images of samples holding at least ``min_images`` of them (one video per sample)."""
+    per_sample: dict[tuple[int, int], list[tuple[Tensor, tuple[int, int]]]] = {}
     if mosaic:
         images: dict[int, list[Any]] = {}
         for g in groups:
@@ -73,18 +74,19 @@ def find_videos(groups: list[Any], mosaic: int, min_images: int) -> list[Video]:
                 if bool((g.columns < 0).any()):
                     raise ValueError("vlmprune: slowfast mosaic frames need every grid token in the sequence")
                 grid = (g.grid[0] // mosaic, g.grid[1] // mosaic)
-                per_sample.setdefault(sample, []).extend((f, grid) for f in mosaic_frames(g.columns, g.grid, mosaic))
+                per_sample.setdefault((sample, -1), []).extend((f, grid) for f in mosaic_frames(g.columns, g.grid, mosaic))
     else:
         for g in groups:
             if g.kind in ("frame", "video"):
                 if bool((g.columns < 0).any()):
                     raise ValueError("vlmprune: slowfast needs every token of a video frame in the sequence")
-                per_sample.setdefault(g.sample, []).append((g.columns, tuple(g.grid)))
+                video = -1 if g.video is None else int(g.video)
+                per_sample.setdefault((g.sample, video), []).append((g.columns, tuple(g.grid)))
     videos = []
-    for sample, frames in sorted(per_sample.items()):
+    for (sample, _), frames in sorted(per_sample.items(), key=lambda kv: (kv[0][0], int(kv[1][0][0].min()))):
         grids = {grid for _, grid in frames}
         if len(grids) != 1:
-            raise ValueError(f"vlmprune: the frames of sample {sample} have different grids {sorted(grids)}")
+            raise ValueError(f"vlmprune: the frames of one video of sample {sample} have different grids {sorted(grids)}")
         videos.append(Video(sample, torch.stack([c for c, _ in frames]), grids.pop()))
     return videos
 
@@ -173,9 +175,9 @@ def _check_divides(name: str, stride: tuple[int, int], grid: tuple[int, int]) ->
 
 
 class SlowFastSeam(PreLLMSeam):
-    """The pre-LLM seam with a reduction over whole videos (several frame groups at once): the
-    pooled tokens are written into the first video columns of their sample and the other video
-    columns are dropped, so they sit as one contiguous run where the video was."""
+    """The pre-LLM seam with a reduction over whole videos (several frame groups at once): each
+    video's pooled tokens are written into its first columns and its other columns are dropped, so
+    they sit as one contiguous run where that video was."""
 
     def __init__(self, adapter: Any, method: SlowFast, handle: Any) -> None:
         super().__init__(adapter, method, handle)
@@ -219,7 +221,8 @@ class SlowFastSeam(PreLLMSeam):
                 fa = fast_pathway(feats, opts["s"], opts["t"], opts["p"], opts["min_fast_frames"])
                 blocks = [tuple(fa.shape[:3])]
                 tokens = fa.flatten(0, 2)
-                slow[v.sample] = feats.flatten(0, 2)  # [T * n_f, D], frame-major
+                frames_slow = feats.flatten(0, 2)  # [T * n_f, D], frame-major; a sample's videos in order
+                slow[v.sample] = torch.cat([slow[v.sample], frames_slow]) if v.sample in slow else frames_slow
             video_cols = cols.reshape(-1).sort().values
             k = tokens.shape[0]
             if k > video_cols.numel():
@@ -252,7 +255,7 @@ class SlowFastSeam(PreLLMSeam):
         bsz = embeds.shape[0]
         fast = [0] * bsz
         for sample, anchors, *_ in layout:
-            fast[sample] = int(anchors.numel())
+            fast[sample] += int(anchors.numel())  # summed over the sample's videos
         slow_counts = [int(slow[b].shape[0]) if b in slow else 0 for b in range(bsz)]
         state = None
         if self.method.hybrid is not None and slow:
@@ -362,5 +365,5 @@ def _pooling_slow_counts(layout: list, bsz: int) -> list[int]:
     counts = [0] * bsz
     for sample, _, blocks, *_ in layout:
         f, h, w = blocks[0]
-        counts[sample] = int(f * h * w)
+        counts[sample] += int(f * h * w)
     return counts
