@@ -262,14 +262,3 @@ def test_two_images_per_prompt_in_one_batch(engine, hf):
             theirs.append(gen[0, inputs["input_ids"].shape[1]:].tolist())
     assert [o.prompt_token_ids.count(5) for o in outs] == [18 + 8] * 4 + [8] * 2
     assert [list(o.outputs[0].token_ids) for o in outs] == theirs
-
-
-def test_video_request_is_rejected(engine):
-    """Videos are not pruned in vLLM yet: a clear error for the request, not a wrong answer."""
-    llm = engine({"vlmprune": {"method": "fastervlm", "ratio": 0.5}})
-    frames = np.stack(pictures(2)).astype(np.uint8)
-    video = (frames, {"fps": 2.0, "duration": 1.0, "total_num_frames": 2, "frames_indices": [0, 1],
-                      "video_backend": "opencv", "do_sample_frames": False})
-    with pytest.raises(ValueError, match="videos are not supported"):
-        llm.generate([{"prompt": "<|vision_start|><|video_pad|><|vision_end|> what is in the video ?",
-                       "multi_modal_data": {"video": video}}], use_tqdm=False)

@@ -158,14 +158,15 @@ def engine_methods() -> list[str]:
     return out
 
 
-def group_seed(method: Method) -> torch.Generator:
-    """The generator the pre-LLM seam gives a sample's first group (``seed * 1_000_003 + 0``).
+def group_seed(method: Method, index: int = 0) -> torch.Generator:
+    """The generator the pre-LLM seam gives a sample's group number ``index`` (``seed * 1_000_003 + index``).
 
-    vLLM caches an image's embedding by the image alone and may batch images of several prompts,
-    so every image draws as the first image of its prompt would: a single-image prompt draws
-    exactly as under ``vlmprune.apply``; later images of a multi-image prompt draw differently."""
+    vLLM caches an image's (a video's) embedding by the item alone and may batch items of several
+    prompts, so every item draws as the first item of its prompt would: an image as group 0, the
+    frames of a video as groups 0, 1, ... A single-image or single-video prompt draws exactly as
+    under ``vlmprune.apply``; later items of a multi-item prompt draw differently."""
     seed = int(getattr(method.config, "seed", 0) or 0)
-    return torch.Generator().manual_seed(seed * 1_000_003)
+    return torch.Generator().manual_seed(seed * 1_000_003 + int(index))
 
 
 @dataclass
@@ -182,7 +183,7 @@ class VisionSignals:
 
 def reduce_images(method: PreLLMMethod, embeds: Tensor, grid: tuple[int, int],
                   scores: Tensor | None = None, signals: VisionSignals | None = None,
-                  with_keep: bool = False) -> Any:
+                  with_keep: bool = False, kind: str = "image", groups_first: bool = True) -> Any:
     """The LLM-input rows each image keeps.
 
     ``embeds`` (B, T, D): the projector outputs of B images, whose last ``h * w`` rows are the grid
@@ -191,14 +192,16 @@ def reduce_images(method: PreLLMMethod, embeds: Tensor, grid: tuple[int, int],
     :class:`VisualGroup`; the method's ``reduce`` decides, and the seam's ``apply_reductions``
     builds the rows (selected, averaged or replaced), in the order the HF path feeds them.
     ``with_keep``: also return each image's (T,) keep mask (the columns whose positions the kept
-    rows carry, as the pre-LLM seam's position bookkeeping uses them)."""
+    rows carry, as the pre-LLM seam's position bookkeeping uses them). ``kind``: the groups' kind
+    ("video" for the frames of a video). ``groups_first``: every row draws as its prompt's first
+    group (images); False: row ``i`` draws as group ``i`` (the frames of one video, in order)."""
     b, t, _ = embeds.shape
     n = grid[0] * grid[1]
     if t < n:
         raise ValueError(f"vlmprune: {t} visual rows per image, fewer than the {grid} grid")
     columns = torch.arange(t - n, t, device=embeds.device)
     groups = [
-        VisualGroup(sample=i, columns=columns, grid=grid, scores=None if scores is None else scores[i])
+        VisualGroup(sample=i, columns=columns, grid=grid, scores=None if scores is None else scores[i], kind=kind)
         for i in range(b)
     ]
     needs = set(getattr(method, "needs", ()))
@@ -215,7 +218,7 @@ def reduce_images(method: PreLLMMethod, embeds: Tensor, grid: tuple[int, int],
                 group.project = signals.project
             if "keys" in needs:
                 group.keys = signals.keys[i]
-    reductions = [method.reduce(group, group_seed(method)) for group in groups]
+    reductions = [method.reduce(group, group_seed(method, 0 if groups_first else i)) for i, group in enumerate(groups)]
     keep, out = apply_reductions(embeds, groups, reductions)
     rows = [out[i][keep[i]] for i in range(b)]
     return (rows, [keep[i] for i in range(b)]) if with_keep else rows

@@ -1,6 +1,6 @@
 """vLLM's Qwen2-VL with a vlmprune pre-LLM method: used only when ``additional_config`` asks for it.
 
-* :class:`PrunedQwen2VLMultiModalProcessor`: each image gets the method's kept count of
+* :class:`PrunedQwen2VLMultiModalProcessor`: each image (each frame slot of a video) gets the method's kept count of
   placeholder tokens for its own merged grid ((h / merge) x (w / merge) tokens; FasterVLM at ratio
   0.9 keeps round(n * 0.1) of them, as ``vlmprune.apply`` does per image group).
 * :class:`PrunedQwen2VLForConditionalGeneration`: ``embed_multimodal`` runs vLLM's own vision
@@ -11,8 +11,13 @@
   the projector) and the last block's head-mean keys ("keys"). The method's ``reduce`` picks the
   rows; the pre-LLM seam's ``apply_reductions`` builds them.
 
-Positions: kept tokens keep their original (t, h, w) M-RoPE grid positions and the text after an
-image continues where it would after the full image (the Hugging Face path's default
+Videos: each of a video's grid_t frame slots is one group, as under ``vlmprune.apply``: the
+processor emits grid_t times the kept count of one slot, and ``embed_multimodal`` decides each slot
+with its own signals (the scores of that frame's attention, its rows and keys).
+
+Positions: kept tokens keep their original (t, h, w) M-RoPE grid positions (a video's t: its frame
+slot's temporal position, Qwen2.5-VL's ``second_per_grid_ts`` x ``tokens_per_second`` scaling
+included) and the text after an image or a video continues where it would after the full item (the Hugging Face path's default
 ``positions="original"``). The kept tokens are only known after the vision tower, so the plugin
 reuses vLLM's own mechanism for content-dependent pruning (EVS): the model declares
 ``supports_multimodal_pruning``, each image embedding carries 4 extra channels (t, h, w of each
@@ -80,6 +85,13 @@ def enable_position_recompute(model_config: Any) -> None:
     mm = getattr(model_config, "multimodal_config", None)
     if mm is None:
         raise PluginConfigError("vlmprune (vLLM plugin): this Qwen2-VL engine has no multimodal config")
+    rate = getattr(mm, "video_pruning_rate", None)
+    if rate is not None and rate > 0:
+        raise PluginConfigError(
+            f"vlmprune (vLLM plugin): video_pruning_rate={rate} asks for vLLM's own video pruning (EVS) on top of "
+            "the plugin's method; the plugin prunes videos itself (one group per frame slot): leave "
+            "video_pruning_rate unset"
+        )
     if type(mm) is MultiModalConfig:
         mm.__class__ = PruningMultiModalConfig
     elif not isinstance(mm, PruningMultiModalConfig):
@@ -136,21 +148,17 @@ class _PrunedPromptUpdates:
             return updates
         merge = int(self.info.get_hf_config().vision_config.spatial_merge_size)
 
-        def image(item_idx: int, full: Any) -> list[int]:
-            t, h, w = (int(x) for x in out_mm_kwargs["image"][item_idx]["image_grid_thw"].data)
+        def kept(item_idx: int, full: Any, modality: str) -> list[int]:
+            """An image's kept count; a video's: the kept count of each of its grid_t frame slots."""
+            t, h, w = (int(x) for x in out_mm_kwargs[modality][item_idx][f"{modality}_grid_thw"].data)
             return list(full(item_idx))[: t * counts((h // merge, w // merge))]
-
-        def video(item_idx: int) -> list[int]:
-            raise ValueError("vlmprune (vLLM plugin): videos are not supported in vLLM yet (images only); "
-                             "run the video without the plugin or with the Hugging Face path")
 
         out = []
         for update in updates:
-            if update.modality == "image":
-                out.append(PromptReplacement(modality="image", target=update.target,
-                                             replacement=lambda i, f=update.replacement: image(i, f)))
-            elif update.modality == "video":
-                out.append(PromptReplacement(modality="video", target=update.target, replacement=video))
+            if update.modality in ("image", "video"):
+                out.append(PromptReplacement(modality=update.modality, target=update.target,
+                                             replacement=lambda i, f=update.replacement, m=update.modality:
+                                             kept(i, f, m)))
             else:
                 out.append(update)
         return out
@@ -216,9 +224,14 @@ class _PrunedQwen:
         modalities = self._parse_and_validate_multimodal_inputs(**kwargs)
         out: tuple[Tensor, ...] = ()
         for name, item in modalities.items():
-            if name not in ("image", "images"):
-                raise ValueError("vlmprune (vLLM plugin): videos are not supported in vLLM yet (images only)")
-            out += self._vlmprune_images(item)
+            if item is None:
+                continue
+            if name in ("image", "images"):
+                out += self._vlmprune_media(item, "image")
+            elif name in ("video", "videos"):
+                out += self._vlmprune_media(item, "video")
+            else:
+                raise ValueError(f"vlmprune (vLLM plugin): unsupported modality {name!r}")
         return out
 
     def _vlmprune_raster(self, merged: Tensor, grids: list[tuple[int, int, int]]) -> Tensor:
@@ -228,15 +241,36 @@ class _PrunedQwen:
         reverse = self.visual.prepare_encoder_metadata([list(g) for g in grids])["reverse_indices"]
         return merged[reverse.to(merged.device)]
 
-    def _vlmprune_images(self, image_input: Any) -> tuple[Tensor, ...]:
-        if image_input["type"] != "pixel_values":
-            raise ValueError("vlmprune (vLLM plugin): precomputed image embeddings cannot be pruned "
+    def _vlmprune_times(self, t: int, seconds: Any) -> Tensor:
+        """(t,) the temporal M-RoPE position of each frame slot of a video, from the video's start, as
+        transformers' ``get_rope_index`` numbers them: Qwen2-VL 0, 1, 2, ...; Qwen2.5-VL
+        ``(arange(t) * tokens_per_second * second_per_grid_t).long()`` (1 s per slot when the
+        processor gave no ``second_per_grid_ts``), with the same float arithmetic."""
+        if not isinstance(self, Qwen2_5_VLForConditionalGeneration):
+            return torch.arange(t)
+        tokens_per_second = self.config.vision_config.tokens_per_second
+        if seconds is None:
+            seconds = 1
+        elif isinstance(seconds, Tensor):
+            seconds = seconds.detach().cpu().reshape(())
+        return (torch.arange(t) * (tokens_per_second * seconds)).long()
+
+    def _vlmprune_media(self, media: Any, kind: str) -> tuple[Tensor, ...]:
+        """Each image's / video's kept rows with their 4 position channels. A video is one group per
+        frame slot (its grid_t slices of merged tokens), each decided with that slot's own signals."""
+        if media["type"] not in ("pixel_values", "pixel_values_videos"):
+            raise ValueError(f"vlmprune (vLLM plugin): precomputed {kind} embeddings cannot be pruned "
                              "(the method needs the vision tower's signals)")
         method = self._vlmprune
-        grids = [tuple(int(x) for x in g) for g in image_input["image_grid_thw"].tolist()]
+        grids = [tuple(int(x) for x in g) for g in media[f"{kind}_grid_thw"].tolist()]
+        seconds = media.get("second_per_grid_ts") if kind == "video" else None
+        if seconds is not None and not isinstance(seconds, Tensor):
+            seconds = torch.as_tensor(seconds)
+        if seconds is not None:
+            seconds = seconds.reshape(-1)
         self._vlmprune_cap = {"cu": [], "qk": [], "merger": []}
         try:
-            embeds = self._process_image_input(image_input)
+            embeds = self._process_image_input(media) if kind == "image" else self._process_video_input(media)
             cap = self._vlmprune_cap
         finally:
             self._vlmprune_cap = None
@@ -247,6 +281,7 @@ class _PrunedQwen:
         unit = m * m
         sizes = [t * h * w // unit for t, h, w in grids]
         scores = keys = vision = None
+        project = None
         if cap["qk"]:
             qk = cap["qk"][0]
             q, k = qk[0].reshape(qk.shape[1], -1), qk[1].reshape(qk.shape[1], -1)
@@ -266,26 +301,34 @@ class _PrunedQwen:
             project = RowProjector(self.visual.merger, unit=width)
         out = []
         for i, (emb, (t, h, w)) in enumerate(zip(embeds, grids)):
-            if t != 1:
+            if kind == "image" and t != 1:
                 raise ValueError(f"vlmprune (vLLM plugin): an image with {t} temporal patches")
             grid = (h // m, w // m)
-            signals = VisionSignals(
-                vision=None if vision is None else vision[i][None], keys=None if keys is None else keys[i][None],
-                project=project if vision is not None else None,
-            )
-            rows, keep = reduce_images(method, emb[None], grid, None if scores is None else scores[i][None], signals,
-                                       with_keep=True)
-            out.append(torch.cat([rows[0], self._vlmprune_positions(grid, keep[0]).to(rows[0])], dim=1))
+            n = grid[0] * grid[1]
+
+            def frames(x: Tensor | None, t: int = t, n: int = n) -> Tensor | None:  # (t * n, ...) -> (t, n, ...)
+                return None if x is None else x.reshape(t, n, *x.shape[1:])
+
+            signals = VisionSignals(vision=frames(None if vision is None else vision[i]),
+                                    keys=frames(None if keys is None else keys[i]), project=project)
+            rows, keep = reduce_images(method, frames(emb), grid, frames(None if scores is None else scores[i]),
+                                       signals, with_keep=True, kind=kind, groups_first=kind == "image")
+            times = self._vlmprune_times(t, None if seconds is None else seconds[i]) if kind == "video" else \
+                torch.zeros(1, dtype=torch.long)
+            pos = torch.cat([self._vlmprune_positions(grid, keep[f], int(times[f])) for f in range(t)])
+            out.append(torch.cat([torch.cat(rows), pos.to(rows[0])], dim=1))
         return tuple(out)
 
     @staticmethod
-    def _vlmprune_positions(grid: tuple[int, int], keep: Tensor) -> Tensor:
-        """(kept, 4): each kept row's (t, h, w) grid position from the image start, and the offset of
-        the text after the image (max(1, h, w), where it follows the full image)."""
+    def _vlmprune_positions(grid: tuple[int, int], keep: Tensor, time: int = 0) -> Tensor:
+        """(kept, 4): each kept row's (t, h, w) M-RoPE position from the image's / video's start (``time``:
+        its frame slot's temporal position), and the offset of the text after it: max(h, w) of the
+        merged grid, where ``get_rope_index`` continues the text after an image or a video (for a
+        video whatever its temporal positions reach)."""
         gh, gw = grid
         hh, ww = torch.meshgrid(torch.arange(gh), torch.arange(gw), indexing="ij")
-        pos = torch.stack([torch.zeros(gh * gw, dtype=torch.long), hh.flatten(), ww.flatten(),
-                           torch.full((gh * gw,), max(1, gh, gw), dtype=torch.long)], dim=1)
+        pos = torch.stack([torch.full((gh * gw,), time, dtype=torch.long), hh.flatten(), ww.flatten(),
+                           torch.full((gh * gw,), max(gh, gw), dtype=torch.long)], dim=1)
         return pos[keep.cpu()]
 
     # -- positions --------------------------------------------------------------------------------
@@ -298,15 +341,20 @@ class _PrunedQwen:
         m = int(self.config.vision_config.spatial_merge_size)
         pieces, st, nxt = [], 0, 0
         for feature in sorted(mm_features, key=lambda f: f.mm_position.offset):
-            if feature.modality != "image":
-                raise ValueError("vlmprune (vLLM plugin): videos are not supported in vLLM yet (images only)")
-            t, h, w = (int(x) for x in feature.data["image_grid_thw"].data.tolist())
+            if feature.modality not in ("image", "video"):
+                raise ValueError(f"vlmprune (vLLM plugin): unsupported modality {feature.modality!r}")
+            t, h, w = (int(x) for x in feature.data[f"{feature.modality}_grid_thw"].data.tolist())
             offset, length = int(feature.mm_position.offset), int(feature.mm_position.length)
             text = offset - st
             pieces.append(np.broadcast_to(np.arange(text), (3, text)) + nxt)
             base = nxt + text
-            pieces.append(np.indices((t, h // m, w // m)).reshape(3, -1)[:, :length] + base)
-            nxt = base + max(t, h // m, w // m)
+            grid = np.indices((t, h // m, w // m)).reshape(3, -1)
+            if feature.modality == "video":
+                seconds = feature.data.get("second_per_grid_ts")
+                times = self._vlmprune_times(t, None if seconds is None else seconds.data).numpy()
+                grid[0] = np.repeat(times, (h // m) * (w // m))
+            pieces.append(grid[:, :length] + base)
+            nxt = base + max(h // m, w // m)
             st = offset + length
         if st < len(input_tokens):
             text = len(input_tokens) - st
