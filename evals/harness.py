@@ -50,6 +50,7 @@ from torch import Tensor
 import vlmprune
 from vlmprune import flops as flops_mod
 from vlmprune.bench import _peak_rss_reset, _rss_kb
+from vlmprune.files import looks_like_hub_id
 from vlmprune.method import EvalContext, MethodConfig, axis_product
 from vlmprune.registry import available_methods, lookup, make_config
 
@@ -162,7 +163,8 @@ def load_model(spec: str | None = None, device: str = "cpu", seed: int = 0) -> E
     """``None``: the shipped built-in checkpoint. ``"untrained"``: the built-in architecture with
     random weights (tests, timing). A directory: a checkpoint saved with ``builtin.save_builtin``,
     or another local Hugging Face checkpoint loadable with ``AutoModelForImageTextToText`` and
-    ``AutoProcessor`` (nothing is downloaded)."""
+    ``AutoProcessor`` (nothing is downloaded). A hub id (``llava-hf/llava-1.5-7b-hf``): the same,
+    fetched from the hub where it is reachable (or taken from the local cache)."""
     from . import builtin
 
     if spec is None:
@@ -179,24 +181,27 @@ def load_model(spec: str | None = None, device: str = "cpu", seed: int = 0) -> E
     if spec == "captioner":
         spec = str(Path(builtin.__file__).parent / "captioner")
     path = Path(spec).expanduser()
-    if not path.is_dir():
+    hub = not path.is_dir() and looks_like_hub_id(spec)
+    if not path.is_dir() and not hub:
         raise ModelLoadError(
             f"--model {spec!r} is not a directory; pass a checkpoint saved with "
-            "vlmprune.evals.builtin.save_builtin or a local Hugging Face checkpoint, or omit --model "
-            "for the shipped built-in model"
+            "vlmprune.evals.builtin.save_builtin, a local Hugging Face checkpoint or a hub id, or omit "
+            "--model for the shipped built-in model"
         )
-    if _is_builtin_checkpoint(path):
+    if not hub and _is_builtin_checkpoint(path):
         model, processor = builtin.load_builtin(path, device=device)
         return EvalModel(model, processor, str(path), path=path)
+    source = spec if hub else path
     try:
         from transformers import AutoModelForImageTextToText, AutoProcessor
 
-        model = AutoModelForImageTextToText.from_pretrained(path, local_files_only=True).to(device).eval()
-        processor = AutoProcessor.from_pretrained(path, local_files_only=True)
+        model = AutoModelForImageTextToText.from_pretrained(source, local_files_only=not hub).to(device).eval()
+        processor = AutoProcessor.from_pretrained(source, local_files_only=not hub)
     except Exception as exc:  # noqa: BLE001 - one line for the command line, whatever went wrong
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise ModelLoadError(f"cannot load {path} with AutoModelForImageTextToText/AutoProcessor: {first}") from None
-    return EvalModel(model, processor, str(path), builtin=False, path=path)
+        what = f"hub id {spec!r} (is the hub reachable?)" if hub else str(path)
+        raise ModelLoadError(f"cannot load {what} with AutoModelForImageTextToText/AutoProcessor: {first}") from None
+    return EvalModel(model, processor, str(source), builtin=False, path=None if hub else path)
 
 
 def _is_builtin_checkpoint(path: Path) -> bool:

@@ -81,7 +81,7 @@ def scored(loss: float, greedy: bool) -> Any:
 
 
 class VlmpruneLMM(_lmms_base()):
-    """lmms-eval model args: ``pretrained`` ('builtin' or a local checkpoint directory), ``method``
+    """lmms-eval model args: ``pretrained`` ('builtin', a local checkpoint directory or a hub id), ``method``
     ('none' or a registered method) with its options (``ratio`` and any other, e.g.
     ``exit_layer``), ``device``, ``dtype``, ``batch_size``, ``attn_implementation``, ``stats_file``
     (per-request visual tokens and FLOPs, JSON lines), ``seed``."""

@@ -50,3 +50,28 @@ def test_bench_model_bad_inputs(checkpoint, tmp_path, capsys):
     assert cli.main(["bench", "--model", str(checkpoint), "--method", "nosuch"]) == 2
     with pytest.raises(bench_model.ModelBenchError, match="dtype"):
         bench_model.load(str(checkpoint), dtype="int8")
+
+
+@pytest.mark.parametrize("spec,hub", [
+    ("llava-hf/llava-1.5-7b-hf", True), ("Qwen/Qwen2.5-VL-7B-Instruct", True), ("OpenGVLab/InternVL3-1B-hf", True),
+    ("gpt2", True), ("./ckpt", False), ("/data/model", False), ("~/model", False), ("a/b/c", False),
+    ("model.safetensors", False), ("org/weights.bin", False), ("", False),
+])
+def test_hub_ids_are_told_from_paths(spec, hub):
+    from vlmprune.files import looks_like_hub_id
+
+    assert looks_like_hub_id(spec) is hub
+
+
+def test_a_hub_id_with_dots_is_tried_on_the_hub(monkeypatch, capsys):
+    """``llava-hf/llava-1.5-7b-hf`` was refused as a missing directory (its '.5-7b-hf' read as a file
+    suffix); offline, both commands now say they tried it as a hub id."""
+    from vlmprune.evals import cli as eval_cli
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert cli.main(["bench", "--model", "llava-hf/llava-1.5-7b-hf", "--repeats", "1"]) != 0
+    err = capsys.readouterr().err
+    assert "hub id" in err and "no such directory" not in err
+    assert eval_cli.main(["--model", "llava-hf/llava-1.5-7b-hf", "--limit", "2", "--no-progress"]) != 0
+    err = capsys.readouterr().err
+    assert "hub id" in err and "not a directory" not in err

@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 from . import flops
 from .api import apply
 from .bench import peak_rss_reset, rss_kb
+from .files import looks_like_hub_id
 from .registry import lookup
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -67,7 +68,7 @@ def load(spec: str, dtype: str = "float32", device: str = "cpu") -> tuple[Any, A
     if dtype not in DTYPES:
         raise ModelBenchError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     local = Path(spec).expanduser()
-    if not local.is_dir() and (spec.startswith((".", "/", "~")) or local.suffix):
+    if not local.is_dir() and not looks_like_hub_id(spec):
         raise ModelBenchError(f"--model {spec!r}: no such directory")
     source = str(local) if local.is_dir() else spec
     try:

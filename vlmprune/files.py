@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 
@@ -47,3 +48,16 @@ def writable_file(path: str | Path, option: str = "--output") -> Path:
     if p.exists() and not os.access(p, os.W_OK):
         raise ValueError(f"{option} {str(path)!r} is not writable")
     return p
+
+
+#: what a Hugging Face hub id looks like: ``name`` or ``org/name`` (letters, digits, ``-``, ``_``, ``.``)
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")
+#: endings of files, which a model argument never names
+_FILE_ENDINGS = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".json", ".gguf", ".onnx")
+
+
+def looks_like_hub_id(spec: str) -> bool:
+    """Whether a ``--model`` value that is not a local directory could be a hub id
+    (``llava-hf/llava-1.5-7b-hf``, dots included) rather than a mistyped path (``./ckpt``,
+    ``/data/model``, ``a/b/c``, ``model.safetensors``)."""
+    return bool(_HUB_ID.fullmatch(spec)) and not spec.lower().endswith(_FILE_ENDINGS)
