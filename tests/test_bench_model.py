@@ -75,3 +75,13 @@ def test_a_hub_id_with_dots_is_tried_on_the_hub(monkeypatch, capsys):
     assert eval_cli.main(["--model", "llava-hf/llava-1.5-7b-hf", "--limit", "2", "--no-progress"]) != 0
     err = capsys.readouterr().err
     assert "hub id" in err and "not a directory" not in err
+
+
+def test_trainers_and_calibration_take_hub_ids_too(monkeypatch):
+    from vlmprune.training.data import load_model
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ValueError, match="cannot load it from the hub"):
+        load_model("Qwen/Qwen2.5-VL-3B-Instruct", "cpu")
+    with pytest.raises(ValueError, match="a local checkpoint directory or a hub id"):
+        load_model("/no/such/dir", "cpu")

@@ -90,13 +90,21 @@ def load_model(spec: str, device: str) -> tuple[Any, Any]:
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     from vlmprune.artifacts import named_checkpoint
+    from vlmprune.files import looks_like_hub_id
 
     path = Path(named_checkpoint(spec))
-    if not path.is_dir():
-        raise ValueError(f"--model {spec!r}: expected 'builtin', 'captioner' or a local checkpoint directory "
-                         "(nothing is downloaded)")
-    model = AutoModelForImageTextToText.from_pretrained(path, local_files_only=True).to(device).eval()
-    return model, AutoProcessor.from_pretrained(path, local_files_only=True)
+    hub = not path.is_dir() and looks_like_hub_id(spec)
+    if not path.is_dir() and not hub:
+        raise ValueError(f"--model {spec!r}: expected 'builtin', 'captioner', a local checkpoint directory "
+                         "or a hub id")
+    source = spec if hub else path
+    try:
+        model = AutoModelForImageTextToText.from_pretrained(source, local_files_only=not hub).to(device).eval()
+        processor = AutoProcessor.from_pretrained(source, local_files_only=not hub)
+    except OSError as exc:  # not found locally / on the hub, or the hub unreachable
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise ValueError(f"--model {spec!r}: cannot load it{' from the hub' if hub else ''}: {first}") from None
+    return model, processor
 
 
 def check_data(spec: str, option: str = "--data") -> None:

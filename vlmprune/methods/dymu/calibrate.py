@@ -345,16 +345,10 @@ def load_images(source: str, processor: Any, limit: int) -> tuple[Tensor, dict[s
 
 
 def load_model(name: str) -> tuple[Any, Any]:
-    if name == "builtin":
-        from vlmprune.artifacts import builtin_benchmark
+    """``builtin``, ``captioner``, a local checkpoint directory or a hub id (as the trainers take it)."""
+    from vlmprune.training.data import load_model as load
 
-        load_builtin = builtin_benchmark().load_model
-
-        return load_builtin()
-    from transformers import AutoModelForImageTextToText, AutoProcessor
-
-    model = AutoModelForImageTextToText.from_pretrained(name, local_files_only=True).eval()
-    return model, AutoProcessor.from_pretrained(name, local_files_only=True)
+    return load(name, "cpu")
 
 
 def make_presets(output_dir: str | Path | None = None, images: int = 256, batch_size: int = 32) -> list[Path]:
