@@ -8,7 +8,8 @@ Ask for a method through vLLM's own ``additional_config``::
 Then each image gets ``kept`` placeholder tokens instead of the full grid, and the model's
 multimodal embedding returns exactly the rows the method's own ``reduce`` keeps (on [CLS] scores
 recomputed from vLLM's own vision attention with :func:`vlmprune.scoring.cls_attention_scores`).
-Models: LLaVA-1.5 (:mod:`.llava`), Qwen2-VL and Qwen2.5-VL (:mod:`.qwen2_vl`: no [CLS], the
+Models: LLaVA-1.5 (:mod:`.llava`), LLaVA-NeXT images (:mod:`.llava_next`: the stock
+unpadded AnyRes packing, one group per crop, newlines kept), Qwen2-VL and Qwen2.5-VL (:mod:`.qwen2_vl`: no [CLS], the
 adapter's labelled fallback score; kept tokens keep their M-RoPE grid positions through vLLM's own
 position recomputation for pruned multimodal embeddings).
 
@@ -35,6 +36,7 @@ __all__ = ["CONFIG_KEY", "PluginConfigError", "Settings", "register", "settings_
 #: vLLM architecture -> "module:class" of the plugin's subclass
 SUPPORTED = {
     "LlavaForConditionalGeneration": "vlmprune.vllm.llava:PrunedLlavaForConditionalGeneration",
+    "LlavaNextForConditionalGeneration": "vlmprune.vllm.llava_next:PrunedLlavaNextForConditionalGeneration",
     "Qwen2VLForConditionalGeneration": "vlmprune.vllm.qwen2_vl:PrunedQwen2VLForConditionalGeneration",
     "Qwen2_5_VLForConditionalGeneration": "vlmprune.vllm.qwen2_vl:PrunedQwen2_5_VLForConditionalGeneration",
 }
@@ -128,6 +130,11 @@ def check_model(settings: Settings, model_config: Any) -> None:
 
         check_qwen2_vl_config(settings, model_config.hf_config)
         enable_position_recompute(model_config)
+        return
+    if "LlavaNextForConditionalGeneration" in archs:
+        from .llava_next import check_next_config
+
+        check_next_config(settings, model_config.hf_config)
         return
     from .llava import check_llava_config
 

@@ -93,11 +93,14 @@ class EngineAdapter:
         self.default_positions = default_positions
 
 
-def build_method(settings: Settings, score_kind: str = "cls", positions: str = "contiguous") -> PreLLMMethod:
+def build_method(settings: Settings, score_kind: str = "cls", positions: str = "contiguous",
+                 anyres: tuple[str, ...] = ()) -> PreLLMMethod:
     """The configured method, checked to be one the engine can run: a pre-LLM method on the plain
     pre-LLM seam whose signals the engine provides and whose kept count is fixed in advance.
     ``positions``: how the model numbers kept tokens in vLLM (LLaVA: "contiguous", 1-D positions;
-    Qwen2-VL: "original", the kept tokens' own M-RoPE grid positions), the only value accepted."""
+    Qwen2-VL: "original", the kept tokens' own M-RoPE grid positions), the only value accepted.
+    ``anyres``: the AnyRes layouts the model serves (LLaVA-NeXT: "unpad"; none for models without
+    AnyRes crops); ``anyres=None`` always means the model's stock layout."""
     try:
         config_cls, method_cls = registry.lookup(settings.method)
     except ValueError as exc:
@@ -136,10 +139,16 @@ def build_method(settings: Settings, score_kind: str = "cls", positions: str = "
             f"vlmprune (vLLM plugin): positions={asked!r} is not available in vLLM for this model: the kept "
             f"placeholder tokens are {how} (positions=None or {positions!r})"
         )
-    if getattr(config, "anyres", None) is not None:
+    layout = getattr(config, "anyres", None)
+    if layout is not None and not anyres:
         raise PluginConfigError(
-            f"vlmprune (vLLM plugin): anyres={config.anyres!r} is an option for LLaVA-NeXT's AnyRes crops; "
-            "the models the plugin serves have none (leave anyres unset)"
+            f"vlmprune (vLLM plugin): anyres={layout!r} is an option for LLaVA-NeXT's AnyRes crops; "
+            "this model has none (leave anyres unset)"
+        )
+    if layout is not None and layout not in anyres:
+        raise PluginConfigError(
+            f"vlmprune (vLLM plugin): anyres={layout!r} is not served in vLLM for this model; served: "
+            f"{', '.join(repr(a) for a in anyres)} (or leave anyres unset: the stock layout)"
         )
     method = method_cls(config, EngineAdapter(score_kind, positions))
     return method

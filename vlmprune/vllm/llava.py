@@ -32,6 +32,7 @@ from vlmprune.adapters.base import RowProjector, head_mean
 from vlmprune.adapters.llava import tower_has_cls
 from vlmprune.scoring import cls_attention_scores, mean_received_attention
 from vlmprune.seams.encoder import feature_layer_index
+from vlmprune.seams.pre_llm import PreLLMMethod
 
 from . import settings_of
 from .core import (
@@ -60,8 +61,9 @@ def _geometry(hf_config: Any) -> tuple[tuple[int, int], int, str, int]:
     return (side, side), extra, kind, index
 
 
-def check_llava_config(settings: Settings, hf_config: Any) -> int:
-    """Start-up checks for a LLaVA checkpoint; returns the kept count per image."""
+def check_tower(settings: Settings, hf_config: Any, anyres: tuple[str, ...] = ()) -> PreLLMMethod:
+    """Start-up checks shared by the LLaVA family (tower, feature layer, the no-[CLS] fallback's
+    layer); returns the configured method."""
     vc = hf_config.vision_config
     if getattr(vc, "model_type", None) not in _TOWERS:
         raise PluginConfigError(
@@ -73,9 +75,8 @@ def check_llava_config(settings: Settings, hf_config: Any) -> int:
             "vlmprune (vLLM plugin): this model concatenates several vision feature layers "
             f"{list(hf_config.vision_feature_layer)}; the plugin supports one feature layer"
         )
-    grid, extra, kind, index = _geometry(hf_config)
-    method = build_method(settings, kind)
-    cls_row = kind == "cls" and hf_config.vision_feature_select_strategy == "default"
+    _, _, kind, index = _geometry(hf_config)
+    method = build_method(settings, kind, anyres=anyres)
     if (method.needs_scores or "keys" in method.needs) and kind == "nocls":
         built = feature_layer_index(hf_config.vision_feature_layer, int(vc.num_hidden_layers)) + 1
         if index >= built:
@@ -84,52 +85,28 @@ def check_llava_config(settings: Settings, hf_config: Any) -> int:
                 f"last layer (the labelled no-[CLS] fallback), which vLLM does not build for "
                 f"vision_feature_layer={hf_config.vision_feature_layer}"
             )
+    return method
+
+
+def check_llava_config(settings: Settings, hf_config: Any) -> int:
+    """Start-up checks for a LLaVA checkpoint; returns the kept count per image."""
+    method = check_tower(settings, hf_config)
+    grid, extra, kind, _ = _geometry(hf_config)
+    cls_row = kind == "cls" and hf_config.vision_feature_select_strategy == "default"
     return kept_count(method, grid, extra, int(hf_config.text_config.hidden_size), cls_row)
 
 
-class PrunedLlavaProcessingInfo(LlavaProcessingInfo):
-    """Placeholder tokens per image: the method's kept count when the engine is configured."""
+class ClipTowerSignals:
+    """What the LLaVA-family plugin models share: read-only hooks on vLLM's CLIP / SigLIP tower that
+    capture the scoring layer's fused q / k / v and the feature layer's rows, and the [CLS] (or
+    no-[CLS]) scores and head-mean keys recomputed from them. ``self._vlmprune`` is the method."""
 
-    def get_num_image_tokens(self, *, image_width: int, image_height: int) -> int:
-        full = super().get_num_image_tokens(image_width=image_width, image_height=image_height)
-        settings = settings_of(self.ctx.model_config)
-        if settings is None:
-            return full
-        kept = self.__dict__.get("_vlmprune_kept")
-        if kept is None:
-            kept = self._vlmprune_kept = check_llava_config(settings, self.get_hf_config())
-        return kept
+    _vlmprune: Any = None
+    _vlmprune_captured: list[Tensor] | None = None
+    _vlmprune_rows: list[Tensor] | None = None
 
-
-def _build_info(ctx: Any) -> LlavaProcessingInfo:
-    from vllm.model_executor.models.llava import _build_llava_or_pixtral_hf_info
-
-    info = _build_llava_or_pixtral_hf_info(ctx)
-    return PrunedLlavaProcessingInfo(ctx) if type(info) is LlavaProcessingInfo else info
-
-
-@MULTIMODAL_REGISTRY.register_processor(
-    _build_llava_or_pixtral_hf_processor, info=_build_info, dummy_inputs=LlavaDummyInputsBuilder
-)
-class PrunedLlavaForConditionalGeneration(LlavaForConditionalGeneration):
-    """``embed_multimodal`` returns the kept rows of each image (stock when not configured)."""
-
-    # checkpoints saved by transformers 5 name the CLIP / SigLIP tower without ``vision_model``
-    hf_to_vllm_mapper = LlavaForConditionalGeneration.hf_to_vllm_mapper | WeightsMapper(
-        orig_to_new_regex={re.compile(r"^(model\.)?vision_tower\.(?!vision_model\.)"): r"\1vision_tower.vision_model."}
-    )
-
-    def __init__(self, *, vllm_config: Any, prefix: str = "") -> None:
-        super().__init__(vllm_config=vllm_config, prefix=prefix)
-        self._vlmprune: Any = None
-        self._vlmprune_captured: list[Tensor] | None = None
-        self._vlmprune_rows: list[Tensor] | None = None
-        settings = settings_from(vllm_config.additional_config)
-        if settings is None:
-            return
-        self._vlmprune_kept = check_llava_config(settings, self.config)
-        self._vlmprune_grid, _, kind, index = _geometry(self.config)
-        self._vlmprune = build_method(settings, kind)
+    def _vlmprune_hooks(self, index: int) -> None:
+        """Hook the scoring layer ``index`` and the last layer vLLM builds (the feature layer)."""
         needs = self._vlmprune.needs
         layers = self.vision_tower.vision_model.encoder.layers
         if self._vlmprune.needs_scores or "keys" in needs:
@@ -137,7 +114,22 @@ class PrunedLlavaForConditionalGeneration(LlavaForConditionalGeneration):
             self._vlmprune_attn.qkv_proj.register_forward_hook(self._vlmprune_capture)
         if "vision" in needs:  # the block whose output is the feature layer: vLLM builds up to it
             layers[-1].register_forward_hook(self._vlmprune_capture_rows)
-        self._vlmprune_cls_row = kind == "cls" and self.config.vision_feature_select_strategy == "default"
+
+    def _vlmprune_encode(self, run: Any) -> tuple[Any, Tensor | None, Tensor | None]:
+        """``run()`` (the tower and projector over a batch of pixels) with the hooks recording: its
+        output, the scoring layer's q / k / v (or None) and the feature layer's rows (or None)."""
+        method = self._vlmprune
+        self._vlmprune_captured = [] if (method.needs_scores or "keys" in method.needs) else None
+        self._vlmprune_rows = [] if "vision" in method.needs else None
+        try:
+            out = run()
+            qkv, layer_rows = self._vlmprune_captured, self._vlmprune_rows
+        finally:
+            self._vlmprune_captured = self._vlmprune_rows = None
+        for name, found in (("scoring layer", qkv), ("feature layer", layer_rows)):
+            if found is not None and len(found) != 1:
+                raise RuntimeError(f"vlmprune (vLLM plugin): the {name} ran {len(found)} times for one batch")
+        return out, None if qkv is None else qkv[0], None if layer_rows is None else layer_rows[0]
 
     # -- scoring ------------------------------------------------------------------------------------
     def _vlmprune_capture(self, module: Any, args: tuple, output: Any) -> None:
@@ -175,6 +167,51 @@ class PrunedLlavaForConditionalGeneration(LlavaForConditionalGeneration):
             scores = mean_received_attention(q, k, heads, attn.scale)
         return self._vlmprune_head_sum(scores, heads)
 
+
+class PrunedLlavaProcessingInfo(LlavaProcessingInfo):
+    """Placeholder tokens per image: the method's kept count when the engine is configured."""
+
+    def get_num_image_tokens(self, *, image_width: int, image_height: int) -> int:
+        full = super().get_num_image_tokens(image_width=image_width, image_height=image_height)
+        settings = settings_of(self.ctx.model_config)
+        if settings is None:
+            return full
+        kept = self.__dict__.get("_vlmprune_kept")
+        if kept is None:
+            kept = self._vlmprune_kept = check_llava_config(settings, self.get_hf_config())
+        return kept
+
+
+def _build_info(ctx: Any) -> LlavaProcessingInfo:
+    from vllm.model_executor.models.llava import _build_llava_or_pixtral_hf_info
+
+    info = _build_llava_or_pixtral_hf_info(ctx)
+    return PrunedLlavaProcessingInfo(ctx) if type(info) is LlavaProcessingInfo else info
+
+
+@MULTIMODAL_REGISTRY.register_processor(
+    _build_llava_or_pixtral_hf_processor, info=_build_info, dummy_inputs=LlavaDummyInputsBuilder
+)
+class PrunedLlavaForConditionalGeneration(ClipTowerSignals, LlavaForConditionalGeneration):
+    """``embed_multimodal`` returns the kept rows of each image (stock when not configured)."""
+
+    # checkpoints saved by transformers 5 name the CLIP / SigLIP tower without ``vision_model``
+    hf_to_vllm_mapper = LlavaForConditionalGeneration.hf_to_vllm_mapper | WeightsMapper(
+        orig_to_new_regex={re.compile(r"^(model\.)?vision_tower\.(?!vision_model\.)"): r"\1vision_tower.vision_model."}
+    )
+
+    def __init__(self, *, vllm_config: Any, prefix: str = "") -> None:
+        super().__init__(vllm_config=vllm_config, prefix=prefix)
+        self._vlmprune: Any = None
+        settings = settings_from(vllm_config.additional_config)
+        if settings is None:
+            return
+        self._vlmprune_kept = check_llava_config(settings, self.config)
+        self._vlmprune_grid, _, kind, index = _geometry(self.config)
+        self._vlmprune = build_method(settings, kind)
+        self._vlmprune_hooks(index)
+        self._vlmprune_cls_row = kind == "cls" and self.config.vision_feature_select_strategy == "default"
+
     # -- the multimodal embedding -------------------------------------------------------------------
     def embed_multimodal(self, **kwargs: object) -> Any:
         if self._vlmprune is None:
@@ -185,29 +222,19 @@ class PrunedLlavaForConditionalGeneration(LlavaForConditionalGeneration):
         if image_input["type"] != "pixel_values":  # pre-computed embeddings: placeholders match them
             return self._process_image_input(image_input)
         method = self._vlmprune
-        self._vlmprune_captured = [] if (method.needs_scores or "keys" in method.needs) else None
-        self._vlmprune_rows = [] if "vision" in method.needs else None
-        try:
-            features = self._process_image_pixels(image_input)
-            qkv, layer_rows = self._vlmprune_captured, self._vlmprune_rows
-        finally:
-            self._vlmprune_captured = self._vlmprune_rows = None
+        features, qkv, full = self._vlmprune_encode(lambda: self._process_image_pixels(image_input))
         if not isinstance(features, Tensor):
             raise ValueError("vlmprune (vLLM plugin): expected one feature tensor for the batch of images")
         embeds = self.multi_modal_projector(features)
-        for name, found in (("scoring layer", qkv), ("feature layer", layer_rows)):
-            if found is not None and len(found) != 1:
-                raise RuntimeError(f"vlmprune (vLLM plugin): the {name} ran {len(found)} times for one batch")
         n = self._vlmprune_grid[0] * self._vlmprune_grid[1]
-        scores = self._vlmprune_scores(qkv[0]) if method.needs_scores else None
+        scores = self._vlmprune_scores(qkv) if method.needs_scores else None
         signals = VisionSignals()
-        if layer_rows is not None:
-            full = layer_rows[0]
+        if full is not None:
             signals.vision = full[:, full.shape[1] - n:]
             signals.vision_cls = full[:, 0] if self._vlmprune_cls_row else None
             signals.project = RowProjector(self.multi_modal_projector)
         if "keys" in method.needs:
-            signals.keys = self._vlmprune_keys(qkv[0], n)
+            signals.keys = self._vlmprune_keys(qkv, n)
         rows = reduce_images(method, embeds, self._vlmprune_grid, scores, signals)
         if rows and rows[0].shape[0] != self._vlmprune_kept:
             raise RuntimeError(
