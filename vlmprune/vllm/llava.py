@@ -96,6 +96,12 @@ def check_llava_config(settings: Settings, hf_config: Any) -> int:
     return kept_count(method, grid, extra, int(hf_config.text_config.hidden_size), cls_row)
 
 
+#: checkpoints saved by transformers 5 name the CLIP / SigLIP tower without ``vision_model``
+TOWER_NAMES = WeightsMapper(
+    orig_to_new_regex={re.compile(r"^(model\.)?vision_tower\.(?!vision_model\.)"): r"\1vision_tower.vision_model."}
+)
+
+
 class ClipTowerSignals:
     """What the LLaVA-family plugin models share: read-only hooks on vLLM's CLIP / SigLIP tower that
     capture the scoring layer's fused q / k / v and the feature layer's rows, and the [CLS] (or
@@ -104,6 +110,19 @@ class ClipTowerSignals:
     _vlmprune: Any = None
     _vlmprune_captured: list[Tensor] | None = None
     _vlmprune_rows: list[Tensor] | None = None
+
+    def _vlmprune_pixels(self, kwargs: dict) -> tuple[Any, Any]:
+        """``(image_input, None)`` for a batch of pixel images this plugin prunes, else ``(None, what
+        the stock model returns)``: not configured, no images, or pre-computed embeddings (whose
+        placeholders already match them)."""
+        if self._vlmprune is None:
+            return None, super().embed_multimodal(**kwargs)
+        image_input = self._parse_and_validate_image_input(**kwargs)
+        if image_input is None:
+            return None, []
+        if image_input["type"] != "pixel_values":
+            return None, self._process_image_input(image_input)
+        return image_input, None
 
     def _vlmprune_hooks(self, index: int) -> None:
         """Hook the scoring layer ``index`` and the last layer vLLM builds (the feature layer)."""
@@ -195,10 +214,7 @@ def _build_info(ctx: Any) -> LlavaProcessingInfo:
 class PrunedLlavaForConditionalGeneration(ClipTowerSignals, LlavaForConditionalGeneration):
     """``embed_multimodal`` returns the kept rows of each image (stock when not configured)."""
 
-    # checkpoints saved by transformers 5 name the CLIP / SigLIP tower without ``vision_model``
-    hf_to_vllm_mapper = LlavaForConditionalGeneration.hf_to_vllm_mapper | WeightsMapper(
-        orig_to_new_regex={re.compile(r"^(model\.)?vision_tower\.(?!vision_model\.)"): r"\1vision_tower.vision_model."}
-    )
+    hf_to_vllm_mapper = LlavaForConditionalGeneration.hf_to_vllm_mapper | TOWER_NAMES
 
     def __init__(self, *, vllm_config: Any, prefix: str = "") -> None:
         super().__init__(vllm_config=vllm_config, prefix=prefix)
@@ -214,13 +230,9 @@ class PrunedLlavaForConditionalGeneration(ClipTowerSignals, LlavaForConditionalG
 
     # -- the multimodal embedding -------------------------------------------------------------------
     def embed_multimodal(self, **kwargs: object) -> Any:
-        if self._vlmprune is None:
-            return super().embed_multimodal(**kwargs)
-        image_input = self._parse_and_validate_image_input(**kwargs)
+        image_input, stock = self._vlmprune_pixels(kwargs)
         if image_input is None:
-            return []
-        if image_input["type"] != "pixel_values":  # pre-computed embeddings: placeholders match them
-            return self._process_image_input(image_input)
+            return stock
         method = self._vlmprune
         features, qkv, full = self._vlmprune_encode(lambda: self._process_image_pixels(image_input))
         if not isinstance(features, Tensor):

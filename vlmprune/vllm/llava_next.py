@@ -21,7 +21,6 @@ newline tokens belong to no group, so they are always kept. The plugin rebuilds 
 
 from __future__ import annotations
 
-import re
 from types import SimpleNamespace
 from typing import Any
 
@@ -33,7 +32,6 @@ from vllm.model_executor.models.llava_next import (
     LlavaNextMultiModalProcessor,
     LlavaNextProcessingInfo,
 )
-from vllm.model_executor.models.utils import WeightsMapper
 from vllm.multimodal import MULTIMODAL_REGISTRY
 
 from vlmprune.adapters.base import RowProjector
@@ -41,7 +39,7 @@ from vlmprune.seams.pre_llm import PreLLMMethod, VisualGroup, apply_reductions, 
 
 from . import settings_of
 from .core import PluginConfigError, Settings, VisionSignals, group_seed, settings_from
-from .llava import ClipTowerSignals, _geometry, check_tower
+from .llava import TOWER_NAMES, ClipTowerSignals, _geometry, check_tower
 
 #: the AnyRes layouts served: the stock packing (``anyres=None`` or "unpad")
 SERVED_ANYRES = ("unpad",)
@@ -217,10 +215,7 @@ class PrunedLlavaNextProcessingInfo(LlavaNextProcessingInfo):
 class PrunedLlavaNextForConditionalGeneration(ClipTowerSignals, LlavaNextForConditionalGeneration):
     """``embed_multimodal`` returns the kept rows of each image (stock when not configured)."""
 
-    # checkpoints saved by transformers 5 name the CLIP / SigLIP tower without ``vision_model``
-    hf_to_vllm_mapper = LlavaNextForConditionalGeneration.hf_to_vllm_mapper | WeightsMapper(
-        orig_to_new_regex={re.compile(r"^(model\.)?vision_tower\.(?!vision_model\.)"): r"\1vision_tower.vision_model."}
-    )
+    hf_to_vllm_mapper = LlavaNextForConditionalGeneration.hf_to_vllm_mapper | TOWER_NAMES
 
     def __init__(self, *, vllm_config: Any, prefix: str = "") -> None:
         super().__init__(vllm_config=vllm_config, prefix=prefix)
@@ -234,13 +229,9 @@ class PrunedLlavaNextForConditionalGeneration(ClipTowerSignals, LlavaNextForCond
         self._vlmprune_cls_row = _cls_row(self.config)
 
     def embed_multimodal(self, **kwargs: object) -> Any:
-        if self._vlmprune is None:
-            return super().embed_multimodal(**kwargs)
-        image_input = self._parse_and_validate_image_input(**kwargs)
+        image_input, stock = self._vlmprune_pixels(kwargs)
         if image_input is None:
-            return []
-        if image_input["type"] != "pixel_values":  # pre-computed embeddings: placeholders match them
-            return self._process_image_input(image_input)
+            return stock
         method = self._vlmprune
         patch_embeddings, qkv, full = self._vlmprune_encode(lambda: self._process_image_pixels(image_input))
         sizes = image_input.get("image_sizes")
