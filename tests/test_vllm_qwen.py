@@ -173,24 +173,33 @@ def _hook_positions(model) -> None:
         if pos is not None and pos.dim() == 2 and pos.shape[-1] > 1:
             _VLLM_POSITIONS.append(pos.clone())
 
-    model.register_forward_pre_hook(on_decoder, with_kwargs=True)
+    if not getattr(model, "_test_positions_hooked", False):  # an engine may serve several runs
+        model.register_forward_pre_hook(on_decoder, with_kwargs=True)
+        model._test_positions_hooked = True
 
 
-def vllm_run(llm, images):
-    from PIL import Image
+def run_requests(llm, requests: list[dict]):
+    """Greedy tokens, prompt ids and prefill M-RoPE positions of each request, sent one at a time so
+    that each prefill's positions are read for its own request."""
     from vllm import SamplingParams
 
     _VLLM_POSITIONS.clear()
     llm.apply_model(_hook_positions)
     tokens, prompts, positions = [], [], []
-    for im in images:  # one request at a time: one prefill per image, positions read per request
+    for request in requests:
         n = len(_VLLM_POSITIONS)
-        out = llm.generate([{"prompt": PROMPT, "multi_modal_data": {"image": Image.fromarray(im)}}],
-                           SamplingParams(temperature=0, max_tokens=NEW_TOKENS, ignore_eos=True), use_tqdm=False)[0]
+        out = llm.generate([request], SamplingParams(temperature=0, max_tokens=NEW_TOKENS, ignore_eos=True),
+                           use_tqdm=False)[0]
         tokens.append(list(out.outputs[0].token_ids))
         prompts.append(list(out.prompt_token_ids))
         positions.append(_VLLM_POSITIONS[n][:, : len(out.prompt_token_ids)] if len(_VLLM_POSITIONS) > n else None)
     return tokens, prompts, positions
+
+
+def vllm_run(llm, images):
+    from PIL import Image
+
+    return run_requests(llm, [{"prompt": PROMPT, "multi_modal_data": {"image": Image.fromarray(im)}} for im in images])
 
 
 def test_unpruned_engine_answers_as_the_hf_model(engine, hf):

@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from test_vllm_qwen import run_requests
 
 import vlmprune
 
@@ -159,35 +160,10 @@ def engine(checkpoint):
     close()
 
 
-_VLLM_POSITIONS: list = []
-
-
-def _hook_positions(model) -> None:
-    """Record the decoder's M-RoPE positions of each prefill (runs inside the engine, in this process)."""
-    def on_decoder(module, args, kwargs):
-        pos = kwargs.get("positions", args[1] if len(args) > 1 else None)
-        if pos is not None and pos.dim() == 2 and pos.shape[-1] > 1:
-            _VLLM_POSITIONS.append(pos.clone())
-
-    if not getattr(model, "_test_video_hooked", False):
-        model.register_forward_pre_hook(on_decoder, with_kwargs=True)
-        model._test_video_hooked = True
-
-
 def vllm_run(llm, items, fps: float = 2.0):
-    from vllm import SamplingParams
-
-    _VLLM_POSITIONS.clear()
-    llm.apply_model(_hook_positions)
-    tokens, prompts, positions = [], [], []
-    for video in items:  # one request at a time: one prefill per video
-        n = len(_VLLM_POSITIONS)
-        out = llm.generate([{"prompt": VIDEO_PROMPT, "multi_modal_data": {"video": (video, metadata(len(video), fps))}}],
-                           SamplingParams(temperature=0, max_tokens=NEW_TOKENS, ignore_eos=True), use_tqdm=False)[0]
-        tokens.append(list(out.outputs[0].token_ids))
-        prompts.append(list(out.prompt_token_ids))
-        positions.append(_VLLM_POSITIONS[n][:, : len(out.prompt_token_ids)] if len(_VLLM_POSITIONS) > n else None)
-    return tokens, prompts, positions
+    """One request per video (see ``run_requests``)."""
+    return run_requests(llm, [{"prompt": VIDEO_PROMPT, "multi_modal_data": {"video": (v, metadata(len(v), fps))}}
+                              for v in items])
 
 
 def expected_kept(method: str, options: dict) -> int:
