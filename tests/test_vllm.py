@@ -10,7 +10,6 @@ multi-process server on localhost.
 from __future__ import annotations
 
 import base64
-import gc
 import importlib.util
 import io
 import json
@@ -24,6 +23,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from vllm_engines import one_at_a_time
 
 import vlmprune
 from vlmprune.vllm.core import PluginConfigError, build_method, engine_methods, kept_count, settings_from
@@ -149,30 +149,10 @@ def engine():
     """``engine(additional_config)`` -> a vLLM LLM on the built-in model, in this process (the
     previous one is shut down first: one engine at a time)."""
     pytest.importorskip("vllm")
-    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
-    from vllm import LLM
-    from vllm.distributed import cleanup_dist_env_and_memory
-
     from vlmprune.evals import builtin
 
-    held: list = []
-
-    def close() -> None:
-        while held:
-            held.pop()
-            gc.collect()
-            cleanup_dist_env_and_memory()
-
-    def make(additional_config: dict, model: str | None = None):
-        close()
-        llm = LLM(model=model or str(builtin.CHECKPOINT), dtype="float32", max_model_len=512, enforce_eager=True,
-                  kv_cache_memory_bytes=KV_BYTES, additional_config=additional_config,
-                  limit_mm_per_prompt={"image": 1})
-        held.append(llm)
-        return llm
-
-    yield make
-    close()
+    yield from one_at_a_time(str(builtin.CHECKPOINT), dtype="float32", max_model_len=512, enforce_eager=True,
+                             kv_cache_memory_bytes=KV_BYTES, limit_mm_per_prompt={"image": 1})
 
 
 def _vllm_greedy(llm, prompts, images, max_new_tokens=3):
@@ -235,7 +215,7 @@ def test_unsupported_model_is_refused_at_start_up(engine, tmp_path):
     LlamaForCausalLM(cfg).save_pretrained(tmp_path)
     tok.save_pretrained(tmp_path)
     with pytest.raises(ValueError, match="LlamaForCausalLM is not supported"):
-        engine({"vlmprune": {"method": "fastervlm", "ratio": 0.9}}, model=str(tmp_path))
+        engine({"vlmprune": {"method": "fastervlm", "ratio": 0.9}}, model_path=str(tmp_path))
 
 
 def serve_command() -> list[str]:
@@ -361,7 +341,7 @@ def test_nocls_fallback_on_a_siglip_tower(engine, tmp_path):
     rng = np.random.default_rng(0)
     images = [rng.integers(0, 256, (56, 56, 3), dtype=np.uint8) for _ in range(6)]
     prompt = "<image> what color is the circle ?"
-    llm = engine({"vlmprune": {"method": "fastervlm", "ratio": 0.5}}, model=str(tmp_path))
+    llm = engine({"vlmprune": {"method": "fastervlm", "ratio": 0.5}}, model_path=str(tmp_path))
     outs = llm.generate([{"prompt": prompt, "multi_modal_data": {"image": Image.fromarray(im)}} for im in images],
                         SamplingParams(temperature=0, max_tokens=4, ignore_eos=True), use_tqdm=False)
     assert [o.prompt_token_ids.count(4) for o in outs] == [8] * len(images)

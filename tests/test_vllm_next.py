@@ -12,14 +12,13 @@ is not importable; one engine runs at a time in this process (VLLM_ENABLE_V1_MUL
 
 from __future__ import annotations
 
-import gc
 import importlib.util
-import os
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from vllm_engines import one_at_a_time
 
 import vlmprune
 
@@ -135,28 +134,8 @@ def hf_run(model, processor, method, options, cases):
 @pytest.fixture(scope="module")
 def engine(checkpoint):
     """``engine(additional_config)`` -> a vLLM LLM on the tiny checkpoint (one at a time, in this process)."""
-    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
-    from vllm import LLM
-    from vllm.distributed import cleanup_dist_env_and_memory
-
-    held: list = []
-
-    def close() -> None:
-        while held:
-            held.pop()
-            gc.collect()
-            cleanup_dist_env_and_memory()
-
-    def make(additional_config: dict):
-        close()
-        llm = LLM(model=str(checkpoint), dtype="float32", max_model_len=1024, enforce_eager=True,
-                  kv_cache_memory_bytes=KV_BYTES, additional_config=additional_config,
-                  limit_mm_per_prompt={"image": 2})
-        held.append(llm)
-        return llm
-
-    yield make
-    close()
+    yield from one_at_a_time(str(checkpoint), dtype="float32", max_model_len=1024, enforce_eager=True,
+                             kv_cache_memory_bytes=KV_BYTES, limit_mm_per_prompt={"image": 2})
 
 
 def vllm_run(llm, cases):

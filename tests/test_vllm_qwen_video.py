@@ -16,15 +16,14 @@ a time, reused while the configuration stays the same.
 
 from __future__ import annotations
 
-import gc
 import importlib.util
-import os
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from test_vllm_qwen import run_requests
+from vllm_engines import one_at_a_time
 
 import vlmprune
 
@@ -133,31 +132,8 @@ def hf_run(model, processor, method, options, items, fps: float = 2.0):
 def engine(checkpoint):
     """``engine(additional_config, **engine_args)`` -> a vLLM LLM on the checkpoint (one at a time in this
     process; the same configuration reuses the running engine)."""
-    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
-    from vllm import LLM
-    from vllm.distributed import cleanup_dist_env_and_memory
-
-    held: list = []
-
-    def close() -> None:
-        while held:
-            held.pop()
-            gc.collect()
-            cleanup_dist_env_and_memory()
-
-    def make(additional_config: dict, **engine_args):
-        key = repr((additional_config, sorted(engine_args.items())))
-        if held and held[-1][0] == key:
-            return held[-1][1]
-        close()
-        llm = LLM(model=str(checkpoint), dtype="float32", max_model_len=512, enforce_eager=True,
-                  kv_cache_memory_bytes=KV_BYTES, additional_config=additional_config,
-                  limit_mm_per_prompt={"image": 1, "video": 1}, **engine_args)
-        held.append((key, llm))
-        return llm
-
-    yield make
-    close()
+    yield from one_at_a_time(str(checkpoint), reuse=True, dtype="float32", max_model_len=512, enforce_eager=True,
+                             kv_cache_memory_bytes=KV_BYTES, limit_mm_per_prompt={"image": 1, "video": 1})
 
 
 def vllm_run(llm, items, fps: float = 2.0):
